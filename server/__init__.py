@@ -1,0 +1,1 @@
+"""Tessera's server: the composition root and every adapter with I/O (store, cache, bus, CLI)."""

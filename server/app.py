@@ -1,0 +1,174 @@
+"""The composition root: the one place that wires concrete adapters (store, bus, caches, keys)
+into the GraphQL schemas, and the lifespan that opens and closes every resource in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from schema import admin as admin_schema
+from schema import delivery as delivery_schema
+from schema.http import TesseraGraphQL
+from schema.ports import Principal
+from server.admin import Admin
+from server.bus import InProcessBus, RedisBus
+from server.db import create_engine, session_factory
+from server.events import NoHistory
+from server.keys import KeyResolver
+from server.profiles import ProfileStore
+from server.requests import RequestInference
+from server.settings import Clock, Settings, system_clock
+from server.snapshots import CONTENT_CHANNEL, SnapshotHolder
+
+log = logging.getLogger(__name__)
+PROFILES_CHANNEL = "profiles"
+
+
+class KeyAuthenticator:
+    def __init__(self, keys: KeyResolver) -> None:
+        self._keys = keys
+
+    async def authenticate(self, raw_key: str) -> Principal | None:
+        record = await self._keys.resolve(raw_key)
+        return Principal(scope=record.scope, key_id=record.id) if record else None
+
+
+@dataclass
+class Services:
+    """Everything the lifespan opens, in the order it opens them."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    redis: aioredis.Redis | None
+    bus: InProcessBus | RedisBus
+    snapshots: SnapshotHolder
+    profiles: ProfileStore
+    keys: KeyResolver
+    admin: Admin
+
+
+def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
+    engine = create_engine(settings.database_url)
+    sessions = session_factory(engine)
+    client = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+    bus: InProcessBus | RedisBus = RedisBus(client, settings.redis_prefix) if client else InProcessBus()
+    snapshots = SnapshotHolder(sessions, bus, retention=settings.retention, poll_seconds=settings.version_poll_seconds)
+
+    async def announce(version: int) -> None:
+        await snapshots.refresh()  # this instance serves the change before the write returns
+        await bus.publish(CONTENT_CHANNEL, {"version": version})
+
+    return Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        redis=client,
+        bus=bus,
+        snapshots=snapshots,
+        profiles=ProfileStore(sessions, ttl=settings.profile_cache_ttl_seconds, size=settings.profile_cache_size),
+        keys=KeyResolver(sessions, ttl=settings.key_cache_ttl_seconds),
+        admin=Admin(sessions, clock=clock, announce=announce),
+    )
+
+
+async def _follow_profiles(services: Services) -> None:
+    async with services.bus.subscribe(PROFILES_CHANNEL) as messages:
+        async for message in messages:
+            services.profiles.invalidate(message.get("userId"))
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> Starlette:
+    """The ASGI application. ``clock`` is injectable so that tests drive time."""
+    settings = settings or Settings()
+    services = build_services(settings, clock)
+    inference = RequestInference(
+        country_headers=settings.country_headers,
+        region_headers=settings.region_headers,
+        city_headers=settings.city_headers,
+    )
+    common = {
+        "authenticator": KeyAuthenticator(services.keys),
+        "snapshots": services.snapshots,
+        "inference": inference,
+        "profiles": services.profiles,
+        "history": NoHistory(),
+        "clock": clock,
+        "graphiql": settings.graphiql,
+        "max_body_bytes": settings.max_body_bytes,
+    }
+    delivery = TesseraGraphQL(
+        delivery_schema.schema,
+        scopes=frozenset({"delivery", "preview", "ingest"}),
+        **common,  # type: ignore[arg-type]
+    )
+    admin = TesseraGraphQL(
+        admin_schema.schema,
+        scopes=frozenset({"admin"}),
+        admin=services.admin,
+        **common,  # type: ignore[arg-type]
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await services.bus.start()
+        await services.snapshots.start()
+        follower = asyncio.create_task(_follow_profiles(services), name="profile-invalidation")
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await services.snapshots.close()
+            await services.bus.close()
+            if services.redis is not None:
+                await services.redis.aclose()
+            await services.engine.dispose()
+
+    async def health(request: Request) -> Response:
+        checks: dict[str, object] = {"contentVersion": services.snapshots.current.version}
+        status = 200
+        try:
+            async with services.sessions() as session:
+                await session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # report, do not raise: a health check answers
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+            status = 503
+        if services.redis is not None:
+            try:
+                await services.redis.ping()
+                checks["redis"] = "ok"
+            except Exception as exc:
+                checks["redis"] = f"unreachable: {type(exc).__name__}"
+                status = 503
+        return JSONResponse(checks, status)
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/graphql")
+
+    app = Starlette(
+        routes=[
+            Route("/", home),
+            Route("/healthz", health),
+            Route("/graphql", delivery),
+            WebSocketRoute("/graphql", delivery),
+            Route("/admin/graphql", admin),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    return app

@@ -1,0 +1,291 @@
+"""The ``tessera`` command: serve, migrate, import and export bundles, and manage API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import click
+import orjson
+
+from content.errors import InvalidContent, Problem
+from server.settings import Settings, system_clock
+
+T = TypeVar("T")
+DEMO_BUNDLE = Path(__file__).parent / "demo" / "bundle.json"
+NDJSON_BATCH = 1000
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coroutine)
+
+
+def _print_problems(problems: list[Problem], limit: int = 200) -> None:
+    for problem in problems[:limit]:
+        click.echo(f"  {problem}", err=True)
+    if len(problems) > limit:
+        click.echo(f"  ... and {len(problems) - limit} more", err=True)
+
+
+class _Tools:
+    """What a CLI command needs: the store, and an announcer that tells running servers."""
+
+    def __init__(self, settings: Settings) -> None:
+        import redis.asyncio as aioredis
+
+        from server.admin import Admin
+        from server.db import create_engine, session_factory
+        from server.snapshots import CONTENT_CHANNEL
+
+        self.engine = create_engine(settings.database_url)
+        self.sessions = session_factory(engine=self.engine)
+        self.redis = aioredis.Redis.from_url(settings.redis_url) if settings.redis_url else None
+        prefix = settings.redis_prefix
+
+        async def announce(version: int) -> None:
+            # Servers poll the version too; with Redis they hear it within milliseconds.
+            if self.redis is not None:
+                await self.redis.publish(prefix + "bus:" + CONTENT_CHANNEL, orjson.dumps({"version": version}))
+
+        self.admin = Admin(self.sessions, clock=system_clock, announce=announce)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def _with_tools(settings: Settings, work: Callable[[_Tools], Awaitable[T]]) -> T:
+    async def main() -> T:
+        tools = _Tools(settings)
+        try:
+            return await work(tools)
+        finally:
+            await tools.close()
+
+    return _run(main())
+
+
+@click.group()
+@click.version_option(package_name="tessera")
+def main() -> None:
+    """Tessera: personalised content blocks over GraphQL.
+
+    Configuration comes from the environment: TESSERA_DATABASE_URL (default: the embedded SQLite
+    file ./tessera.db) and TESSERA_REDIS_URL (default: none, in-process cache and bus)."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Default: TESSERA_HOST or 127.0.0.1.")
+@click.option("--port", default=None, type=int, help="Default: TESSERA_PORT or 8000.")
+@click.option("--migrate/--no-migrate", default=True, show_default=True, help="Migrate the database first.")
+def serve(host: str | None, port: int | None, migrate: bool) -> None:
+    """Serve the delivery API on /graphql and the admin API on /admin/graphql."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.migrate import upgrade
+
+    settings = Settings()
+    if migrate:
+        _run(upgrade(settings.database_url))
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema up to date (alembic upgrade head)."""
+    from server.migrate import upgrade
+
+    settings = Settings()
+    _run(upgrade(settings.database_url))
+    click.echo(f"database is at the latest schema: {settings.database_url}")
+
+
+def _ndjson(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield number, _BadLine(str(exc))
+
+
+class _BadLine:
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+async def _import_ndjson(tools: _Tools, path: Path, kind: str, dry_run: bool) -> tuple[int, list[Problem]]:
+    """Stream a file in batches; each rejected line is reported by its number."""
+    written, rejected = 0, []
+    importer = tools.admin.import_profiles if kind == "profiles" else tools.admin.import_events
+    records = _ndjson(path)
+    with click.progressbar(length=_count_lines(path), label=f"{kind} from {path.name}", file=sys.stderr) as bar:
+        while batch := list(itertools.islice(records, NDJSON_BATCH)):
+            good = []
+            for number, record in batch:
+                if isinstance(record, _BadLine):
+                    rejected.append(Problem(f"{path.name}:{number}", f"not JSON: {record.message}"))
+                else:
+                    good.append((f"{path.name}:{number}", record))
+            count, problems = await importer(good, dry_run=dry_run)
+            written += count
+            rejected.extend(problems)
+            bar.update(len(batch))
+    return written, rejected
+
+
+@main.command("import")
+@click.argument("bundle", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--profiles", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="NDJSON profiles.")
+@click.option("--events", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="NDJSON events.")
+@click.option("--dry-run", is_flag=True, help="Validate and count; write nothing.")
+def import_(bundle: Path | None, profiles: Path | None, events: Path | None, dry_run: bool) -> None:
+    """Import a bundle (all-or-nothing for configuration) and/or NDJSON profiles and events."""
+    if bundle is None and profiles is None and events is None:
+        raise click.UsageError("give a BUNDLE file, --profiles or --events")
+
+    document: Any = None
+    if bundle is not None:
+        try:
+            document = orjson.loads(bundle.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            click.echo(f"{bundle}: not valid JSON: {exc}", err=True)
+            sys.exit(1)
+
+    async def work(tools: _Tools) -> int:
+        status = 0
+        if bundle is not None:
+            try:
+                report = await tools.admin.import_bundle(document, dry_run=dry_run)
+            except InvalidContent as exc:
+                click.echo(f"{bundle}: nothing imported, {len(exc.problems)} problem(s):", err=True)
+                _print_problems(exc.problems)
+                return 1
+            what = "would import" if dry_run else "imported"
+            click.echo(
+                f"{bundle}: {what} content version {report.version}; created {report.created or 0}, "
+                f"updated {report.updated or 0}, unchanged {report.unchanged or 0}; "
+                f"{report.profiles} profiles, {report.events} new events"
+            )
+            if report.rejected:
+                click.echo(f"{len(report.rejected)} record(s) rejected:", err=True)
+                _print_problems(report.rejected)
+                status = 1
+        for path, kind in ((profiles, "profiles"), (events, "events")):
+            if path is None:
+                continue
+            written, rejected = await _import_ndjson(tools, path, kind, dry_run)
+            noun = "new events" if kind == "events" else "profiles"
+            click.echo(f"{path}: {'would write' if dry_run else 'wrote'} {written} {noun}; {len(rejected)} rejected")
+            if rejected:
+                _print_problems(rejected)
+                status = 1
+        return status
+
+    sys.exit(_with_tools(Settings(), work))
+
+
+@main.command()
+@click.option("-o", "--output", type=click.File("w"), default="-", help="Default: standard output.")
+def export(output: IO[str]) -> None:
+    """Export the configuration as a bundle (everything but profiles and events)."""
+
+    async def work(tools: _Tools) -> dict[str, Any]:
+        return await tools.admin.export_bundle()
+
+    json.dump(_with_tools(Settings(), work), output, indent=2, ensure_ascii=False)
+    output.write("\n")
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--scope", required=True, type=click.Choice(["delivery", "preview", "admin", "ingest"]))
+@click.option("--name", default="", help="A label to recognise the key by.")
+def keys_create(scope: str, name: str) -> None:
+    """Create a key and print it. It is shown once: only its hash is stored."""
+    from server.keys import create_key
+
+    async def work(tools: _Tools) -> str:
+        async with tools.sessions() as session, session.begin():
+            made = await create_key(session, scope=scope, name=name)
+        return made.raw
+
+    click.echo(_with_tools(Settings(), work))
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (their prefixes, never the keys)."""
+    from server.store import ApiKeyRecord, ApiKeyRepository
+
+    async def work(tools: _Tools) -> list[ApiKeyRecord]:
+        async with tools.sessions() as session:
+            return await ApiKeyRepository(session).list()
+
+    for record in _with_tools(Settings(), work):
+        state = f"revoked {record.revoked_at:%Y-%m-%d}" if record.revoked_at else "active"
+        click.echo(f"{record.id}\t{record.scope}\t{record.prefix}...\t{state}\t{record.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key by its id (running servers stop accepting it within their key cache TTL)."""
+    from server.store import ApiKeyRepository
+
+    async def work(tools: _Tools) -> bool:
+        async with tools.sessions() as session, session.begin():
+            return await ApiKeyRepository(session).revoke(key_id, system_clock())
+
+    if not _with_tools(Settings(), work):
+        raise click.ClickException(f"no active key with id {key_id}")
+    click.echo(f"revoked key {key_id}")
+
+
+@main.command()
+def demo() -> None:
+    """Migrate, import the demo shop and print fresh demo keys (what `make run` does first)."""
+    from server.keys import create_key
+    from server.migrate import upgrade
+    from server.store import ApiKeyRepository
+
+    settings = Settings()
+    _run(upgrade(settings.database_url))
+
+    bundle = orjson.loads(DEMO_BUNDLE.read_bytes())
+
+    async def work(tools: _Tools) -> dict[str, str]:
+        report = await tools.admin.import_bundle(bundle)
+        click.echo(f"demo shop imported (content version {report.version})")
+        made = {}
+        async with tools.sessions() as session, session.begin():
+            repo = ApiKeyRepository(session)
+            for record in await repo.list():  # one set of demo keys at a time
+                if record.name.startswith("demo-") and record.revoked_at is None:
+                    await repo.revoke(record.id, system_clock())
+            for scope in ("delivery", "preview", "admin", "ingest"):
+                made[scope] = (await create_key(session, scope=scope, name=f"demo-{scope}")).raw
+        return made
+
+    made = _with_tools(settings, work)
+    click.echo("demo keys (shown once; `make run` makes new ones each time):")
+    for scope, raw in made.items():
+        click.echo(f"  {scope:<9} {raw}")
