@@ -45,11 +45,20 @@ class Viewer:
         return replace(self, user_id=None, anonymous_id=None)
 
 
+# Files a host's zoneinfo directory may hold besides IANA zones: the host's own zone (which would
+# make answers depend on the machine), and the POSIX and leap-second ("right/") variants.
+_NOT_IANA_NAMES = frozenset({"localtime", "posixrules"})
+_NOT_IANA_PREFIXES = ("posix/", "right/")
+
+
 def _zone(name: str) -> ZoneInfo:
+    problem = InvalidViewer("viewer.timezone", f"'{name}' is not an IANA time zone")
+    if name in _NOT_IANA_NAMES or name.startswith(_NOT_IANA_PREFIXES):
+        raise problem
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidViewer("viewer.timezone", f"'{name}' is not an IANA time zone") from exc
+        raise problem from exc
 
 
 def make_viewer(
