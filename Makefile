@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench clean schema
 
 install: $(STAMP)
 
@@ -36,3 +36,6 @@ bench: install
 
 clean:
 	rm -rf $(VENV) tessera.db tessera.db-shm tessera.db-wal .mypy_cache .ruff_cache .pytest_cache
+
+schema: install
+	$(BIN)/python -m schema.export

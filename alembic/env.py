@@ -10,9 +10,9 @@ import os
 from logging.config import fileConfig
 from typing import Any
 
+from alembic import context
 from sqlalchemy.engine import Connection, make_url
 
-from alembic import context
 from server.db import create_engine
 from server.models import Base
 

@@ -8,6 +8,7 @@ import base64
 from collections.abc import AsyncGenerator
 
 import strawberry
+from strawberry.extensions import ParserCache, ValidationCache
 from strawberry.permission import BasePermission
 
 from schema.context import Context
@@ -161,4 +162,10 @@ class Subscription:
         yield  # pragma: no cover
 
 
-schema = strawberry.Schema(query=Query, mutation=Mutation, subscription=Subscription)
+# Documents repeat (clients send the same few queries): parse and validate each one once.
+schema = strawberry.Schema(
+    query=Query,
+    mutation=Mutation,
+    subscription=Subscription,
+    extensions=[lambda: ParserCache(maxsize=1024), lambda: ValidationCache(maxsize=1024)],
+)

@@ -8,14 +8,14 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from cross_web import HTTPException
-from graphql import GraphQLError
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from graphql import GraphQLError, OperationType, get_operation_ast, parse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.http import GraphQLHTTPResponse
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.schema import BaseSchema
 from strawberry.types import ExecutionResult
 
@@ -84,12 +84,41 @@ class TesseraGraphQL(GraphQL[Context, None]):
                 response = error_response(exc.status_code, exc.reason, code)
             await response(scope, receive, send)
         else:
-            await super().__call__(scope, receive, send)
+            try:
+                await super().__call__(scope, receive, send)
+            except _RequestRejected as exc:
+                # The handshake is accepted before the context (and so the key) is read: close with
+                # graphql-transport-ws's 4401 Unauthorized / 4403 Forbidden instead of crashing.
+                await send({"type": "websocket.close", "code": 4000 + exc.status_code, "reason": exc.reason})
 
     def _check_size(self, request: Request) -> None:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body_bytes:
             raise _RequestRejected(413, f"request body is larger than {self._max_body_bytes} bytes", "BAD_REQUEST")
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        # Strawberry would run a subscription sent over plain HTTP as if it were a query, and every
+        # field would fail as an internal error: say where subscriptions are served instead.
+        if _is_subscription(request_data.query, request_data.operation_name):
+            raise _RequestRejected(
+                400, "subscriptions are served over a WebSocket (graphql-transport-ws), not plain HTTP", "BAD_REQUEST"
+            )
+        return await super().execute_single(
+            request=request,
+            request_adapter=request_adapter,
+            sub_response=sub_response,
+            context=context,
+            root_value=root_value,
+            request_data=request_data,
+        )
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         principal = await self._principal(request)
@@ -135,11 +164,28 @@ class TesseraGraphQL(GraphQL[Context, None]):
     ) -> Response:
         response = super().create_response(response_data, sub_response)
         errors: Any = response_data.get("errors") if isinstance(response_data, dict) else None
-        if isinstance(response_data, dict) and response_data.get("data") is None and errors:
+        if isinstance(response_data, dict) and errors and _nothing_returned(response_data.get("data")):
             codes = {e.get("extensions", {}).get("code") for e in errors}
             if codes <= {"GRAPHQL_PARSE_FAILED", "GRAPHQL_VALIDATION_FAILED", "BAD_USER_INPUT"}:
                 response.status_code = 400  # a request error (GraphQL over HTTP): nothing was executed
         return response
+
+
+def _is_subscription(query: str | None, operation_name: str | None) -> bool:
+    if not query or "subscription" not in query:  # cheap: a document without the word holds none
+        return False
+    try:
+        document = parse(query)
+    except GraphQLError:
+        return False  # the normal path reports it as GRAPHQL_PARSE_FAILED
+    operation = get_operation_ast(document, operation_name)
+    return operation is not None and operation.operation is OperationType.SUBSCRIPTION
+
+
+def _nothing_returned(data: object) -> bool:
+    # A nullable field whose argument was rejected answers {"placement": null}, not a null `data`:
+    # when no field returned anything, the request as a whole was the error.
+    return data is None or (isinstance(data, Mapping) and all(value is None for value in data.values()))
 
 
 def _format_error(error: GraphQLError) -> Mapping[str, Any]:
