@@ -222,9 +222,9 @@ def _check_score(doc: Mapping[str, Any], path: str, out: list[Problem]) -> None:
 
 
 def _check_flag(doc: Mapping[str, Any], path: str, known: Known, out: list[Problem]) -> None:
-    if "enabled" in doc and not isinstance(doc["enabled"], bool):
+    if doc.get("enabled") is not None and not isinstance(doc["enabled"], bool):
         out.append(Problem(f"{path}.enabled", f"must be true or false, not {doc['enabled']!r}"))
-    if "rollout" in doc:
+    if doc.get("rollout") is not None:
         message = rollout_problem(doc["rollout"])
         if message:
             out.append(Problem(f"{path}.rollout", message))
@@ -249,7 +249,7 @@ def rollout_problem(value: object) -> str | None:
 
 
 def _check_stickiness(doc: Mapping[str, Any], path: str, out: list[Problem]) -> None:
-    if "stickiness" in doc and doc["stickiness"] not in STICKINESS:
+    if doc.get("stickiness") is not None and doc["stickiness"] not in STICKINESS:
         out.append(Problem(f"{path}.stickiness", f"must be 'userId' or 'anonymousId', not {doc['stickiness']!r}"))
 
 
@@ -290,7 +290,7 @@ def _check_block(
     if doc.get("audience") is not None:
         out.extend(validate_rule(doc["audience"], f"{path}.audience", scope=Scope.TARGETING, known=known))
     _check_flag_ref(doc.get("flag"), f"{path}.flag", keys["flags"], out)
-    if "fields" in doc and not isinstance(doc["fields"], Mapping):
+    if doc.get("fields") is not None and not isinstance(doc["fields"], Mapping):
         out.append(Problem(f"{path}.fields", f"must be a JSON object, not {describe(doc['fields'])}"))
     variants = doc.get("variants")
     if variants is None:
@@ -366,12 +366,12 @@ def _check_variant(
     if "arms" not in variant:
         if "experiment" in variant:
             out.append(Problem(f"{path}.arms", "a variant holding an experiment needs arms"))
-        if "fields" in variant and not isinstance(variant["fields"], Mapping):
+        if variant.get("fields") is not None and not isinstance(variant["fields"], Mapping):
             out.append(Problem(f"{path}.fields", f"must be a JSON object, not {describe(variant['fields'])}"))
         return
     if not is_key(variant.get("experiment")):
         out.append(Problem(f"{path}.experiment", "a variant with arms names its experiment (a key)"))
-    if "fields" in variant:
+    if variant.get("fields") is not None:
         out.append(Problem(f"{path}.fields", "a variant with arms has no fields of its own: put them on its arms"))
     arms = variant["arms"]
     if not isinstance(arms, list) or not arms:
@@ -395,7 +395,7 @@ def _check_variant(
             seen.add(key)
         if not _is_int(arm.get("weight"), minimum=1):
             out.append(Problem(f"{apath}.weight", f"must be a positive integer, not {arm.get('weight')!r}"))
-        if "fields" in arm and not isinstance(arm["fields"], Mapping):
+        if arm.get("fields") is not None and not isinstance(arm["fields"], Mapping):
             out.append(Problem(f"{apath}.fields", f"must be a JSON object, not {describe(arm['fields'])}"))
 
 

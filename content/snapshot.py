@@ -201,8 +201,8 @@ class Snapshot:
             f["key"]: Flag(
                 key=f["key"],
                 name=f.get("name") or f["key"],
-                enabled=bool(f.get("enabled", False)),
-                rollout=float(f.get("rollout", 100)),
+                enabled=bool(f.get("enabled")),
+                rollout=float(100 if f.get("rollout") is None else f["rollout"]),
                 salt=f.get("salt") or f["key"],
                 audience=compile_rule(f["audience"], score_defs) if f.get("audience") is not None else None,
                 stickiness=f.get("stickiness"),

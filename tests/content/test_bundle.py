@@ -365,10 +365,24 @@ def test_valid_rollouts(rollout: float) -> None:
     assert paths_of(flags=[{"key": "f", "enabled": True, "rollout": rollout}]) == []
 
 
-@pytest.mark.parametrize("rollout", [-1, -0.01, 100.01, 101, 25.555, 0.001, 99.999, "50", True, None, [50]])
+@pytest.mark.parametrize("rollout", [-1, -0.01, 100.01, 101, 25.555, 0.001, 99.999, "50", True, [50]])
 def test_invalid_rollouts_are_rejected_at_the_rollout(rollout: Any) -> None:
     assert rollout_problem(rollout) is not None
     assert paths_of(flags=[{"key": "f", "enabled": True, "rollout": rollout}]) == ["flags[0].rollout"]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        {"key": "f", "enabled": None},
+        {"key": "f", "rollout": None},
+        {"key": "f", "stickiness": None},
+        {"key": "f", "audience": None, "salt": None},
+    ],
+)
+def test_null_is_absent_in_optional_flag_fields(flag: dict[str, Any]) -> None:
+    # The bundle example writes null for what is absent; every optional field reads it so.
+    assert paths_of(flags=[flag]) == []
 
 
 def test_a_rollout_message_says_what_is_wrong() -> None:

@@ -775,6 +775,7 @@ def flag_value(
 def test_an_enabled_flag_without_audience_or_rollout_is_static() -> None:
     assert flag_value([{"key": "f", "enabled": True}], "f") == (True, STATIC)
     assert flag_value([{"key": "f", "enabled": True, "rollout": 100}], "f") == (True, STATIC)
+    assert flag_value([{"key": "f", "enabled": True, "rollout": None}], "f") == (True, STATIC)  # null is absent
 
 
 @pytest.mark.parametrize(
