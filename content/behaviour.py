@@ -69,5 +69,3 @@ def window(history: History, type_: str, after: datetime, until: datetime) -> Se
 def latest(history: History, type_: str, after: datetime, until: datetime) -> Event | None:
     events = window(history, type_, after, until)
     return events[-1] if events else None
-
-

@@ -348,9 +348,7 @@ def _check_flag_ref(flag: object, path: str, flags: set[str], out: list[Problem]
         out.append(Problem(path, f"unknown flag {flag!r}"))
 
 
-def _check_variant(
-    variant: object, path: str, known: Known, keys: dict[str, set[str]], out: list[Problem]
-) -> None:
+def _check_variant(variant: object, path: str, known: Known, keys: dict[str, set[str]], out: list[Problem]) -> None:
     if not isinstance(variant, Mapping):
         out.append(Problem(path, f"a variant must be a JSON object, not {describe(variant)}"))
         return
@@ -429,7 +427,10 @@ def _check_cycles(segments: Iterable[Entity], out: list[Problem]) -> None:
                 if members not in reported:
                     reported.add(members)
                     text = " -> ".join([*cycle, ref])
-                    out.append(Problem(f"{paths[ref]}.rule", f"cycle of segment references: {text}"))
+                    # Report it where the user is editing: at an entity given in this input (a bundle
+                    # path or "input") rather than at one already stored ("segments['b']").
+                    at = min(cycle, key=lambda k: ("['" in paths[k], k != ref))
+                    out.append(Problem(f"{paths[at]}.rule", f"cycle of segment references: {text}"))
             elif ref in graph and ref not in state:
                 visit(ref, stack)
         stack.pop()

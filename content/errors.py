@@ -1,8 +1,8 @@
 """Errors raised by the content engine.
 
-    ContentError
-     ├── InvalidContent   a bundle, document or rule failed validation; carries every Problem
-     └── InvalidViewer    a viewer input that cannot be normalised (an unknown time zone, ...)
+ContentError
+ ├── InvalidContent   a bundle, document or rule failed validation; carries every Problem
+ └── InvalidViewer    a viewer input that cannot be normalised (an unknown time zone, ...)
 """
 
 from __future__ import annotations

@@ -218,8 +218,7 @@ class Snapshot:
             for e in experiments
         }
         compiled_placements = {
-            p["key"]: Placement(key=p["key"], name=p.get("name") or p["key"], limit=p.get("limit"))
-            for p in placements
+            p["key"]: Placement(key=p["key"], name=p.get("name") or p["key"], limit=p.get("limit")) for p in placements
         }
         published: list[Block] = []
         preview: list[Block] = []

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import orjson
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
-from graphql import GraphQLError, OperationType, get_operation_ast, parse
+from graphql import GraphQLError, OperationType, VariableDefinitionNode, get_operation_ast, parse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -192,7 +192,10 @@ def _format_error(error: GraphQLError) -> Mapping[str, Any]:
     formatted: dict[str, Any] = dict(error.formatted)
     extensions = dict(formatted.get("extensions") or {})
     if "code" not in extensions:
-        if error.original_error is None and error.message.startswith("Syntax Error"):
+        if error.path is None and any(isinstance(node, VariableDefinitionNode) for node in error.nodes or ()):
+            # A variable's value does not fit its type: the request is wrong, not the server.
+            extensions["code"] = "BAD_USER_INPUT"
+        elif error.original_error is None and error.message.startswith("Syntax Error"):
             extensions["code"] = "GRAPHQL_PARSE_FAILED"
         elif error.original_error is None and error.path is None:
             extensions["code"] = "GRAPHQL_VALIDATION_FAILED"

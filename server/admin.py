@@ -58,6 +58,13 @@ def _without_status(doc: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in doc.items() if k != "status"}
 
 
+def _with_locale(doc: Mapping[str, Any], locale: str) -> dict[str, Any]:
+    """A block's locale is part of its identity (the store keys drafts and versions by it), so a
+    block saved without one is stored in the default locale of that moment, written out: a later
+    change of the default locale does not move it."""
+    return {**doc, "locale": locale}
+
+
 def _block_state(record: BlockRecord) -> BlockState:
     return BlockState(
         key=record.key,
@@ -134,6 +141,20 @@ class _Config:
         if problems:
             raise InvalidContent(problems)
 
+    def check_live_versions(self) -> None:
+        """Check the live versions of blocks against the (changed) configuration: they were valid
+        when published, but a delete can take away what they refer to while the draft no longer
+        does. Run after :meth:`check`, so that every problem is a live version's."""
+        config = self.docs()
+        config.blocks = [
+            Entity(f"blocks['{key}' in {locale}] (live version {record.published_version})", record.published)
+            for (key, locale), record in self.blocks.items()
+            if record.published is not None
+        ]
+        problems = check_config(config)
+        if problems:
+            raise InvalidContent(problems)
+
 
 class Admin:
     """The admin service (``schema.ports.AdminService``)."""
@@ -166,7 +187,7 @@ class Admin:
         changed: list[int] = []
         async with self._sessions() as session:
             try:
-                version = await SpaceRepository(session).bump_version()
+                version = await SpaceRepository(session, clock=self._clock).bump_version()
                 yield session, changed
             except BaseException:
                 await session.rollback()
@@ -178,26 +199,26 @@ class Admin:
         await self._announce(version)
 
     async def _load(self, session: AsyncSession) -> _Config:
-        repo = ConfigRepository(session)
+        repo = ConfigRepository(session, clock=self._clock)
         entities: dict[str, dict[str, Mapping[str, Any]]] = {
             kind: {d["key"]: d for d in await repo.list(kind)} for kind in ENTITY_KINDS
         }
-        blocks = {(r.key, r.locale): r for r in await BlockRepository(session).list()}
-        return _Config(await SpaceRepository(session).locales(), entities, blocks)
+        blocks = {(r.key, r.locale): r for r in await BlockRepository(session, clock=self._clock).list()}
+        return _Config(await SpaceRepository(session, clock=self._clock).locales(), entities, blocks)
 
     async def _default_locale(self, session: AsyncSession) -> str:
-        locales = await SpaceRepository(session).locales()
+        locales = await SpaceRepository(session, clock=self._clock).locales()
         return str(locales.get("default") or DEFAULT_LOCALES["default"])
 
     # -- entities -----------------------------------------------------------------------------------
 
     async def entities(self, kind: str) -> list[Mapping[str, Any]]:
         async with self._read() as session:
-            return list(await ConfigRepository(session).list(kind))
+            return list(await ConfigRepository(session, clock=self._clock).list(kind))
 
     async def entity(self, kind: str, key: str) -> Mapping[str, Any] | None:
         async with self._read() as session:
-            return await ConfigRepository(session).get(kind, key)
+            return await ConfigRepository(session, clock=self._clock).get(kind, key)
 
     async def save(self, kind: str, document: Mapping[str, Any], *, mode: str) -> Mapping[str, Any]:
         """``mode`` is create (fails if it exists), update (merges over the stored document; a
@@ -216,7 +237,7 @@ class Admin:
             document = {k: v for k, v in document.items() if v is not None}
             config.put(kind, document, "input")
             config.check()
-            if await ConfigRepository(session).upsert(kind, document):
+            if await ConfigRepository(session, clock=self._clock).upsert(kind, document):
                 changed.append(1)
         return document
 
@@ -224,23 +245,32 @@ class Admin:
         async with self._write() as (session, changed):
             config = await self._load(session)
             if key not in config.entities[kind]:
-                return False
+                raise NotFoundError(f"{_SINGULAR[kind]} '{key}'")
             del config.entities[kind][key]
-            config.check()  # a reference from elsewhere to what is deleted is reported, at its path
-            await ConfigRepository(session).delete(kind, key)
+            try:
+                config.check()  # a reference from elsewhere to what is deleted is reported, at its path
+                config.check_live_versions()
+            except InvalidContent as exc:
+                unknown = f"unknown {_SINGULAR[kind]} '{key}'"
+                still = f"refers to {_SINGULAR[kind]} '{key}', which cannot be deleted while it is used"
+                raise InvalidContent(
+                    [Problem(p.path, still if p.message.startswith(unknown) else p.message) for p in exc.problems]
+                ) from exc
+            await ConfigRepository(session, clock=self._clock).delete(kind, key)
             changed.append(1)
         return True
 
     async def locales(self) -> Mapping[str, Any]:
         async with self._read() as session:
-            return await SpaceRepository(session).locales()
+            return await SpaceRepository(session, clock=self._clock).locales()
 
     async def set_locales(self, locales: Any) -> Mapping[str, Any]:
         async with self._write() as (session, changed):
             config = await self._load(session)
             config.locales, config.locales_path = locales, "input"
             config.check()
-            if isinstance(locales, Mapping) and await SpaceRepository(session).set_locales(dict(locales)):
+            space = SpaceRepository(session, clock=self._clock)
+            if isinstance(locales, Mapping) and await space.set_locales(dict(locales)):
                 changed.append(1)
         return dict(locales)
 
@@ -248,12 +278,12 @@ class Admin:
 
     async def blocks(self) -> list[BlockState]:
         async with self._read() as session:
-            return [_block_state(r) for r in await BlockRepository(session).list()]
+            return [_block_state(r) for r in await BlockRepository(session, clock=self._clock).list()]
 
     async def block(self, key: str, locale: str | None) -> BlockState | None:
         async with self._read() as session:
             locale = locale or await self._default_locale(session)
-            record = await BlockRepository(session).get(key, locale)
+            record = await BlockRepository(session, clock=self._clock).get(key, locale)
         return _block_state(record) if record else None
 
     async def save_block(self, document: Mapping[str, Any], *, mode: str) -> BlockState:
@@ -270,10 +300,10 @@ class Admin:
                 if existing is None:
                     raise NotFoundError(what)
                 document = {**existing.draft, **document}
-            document = {k: v for k, v in document.items() if v is not None}
+            document = _with_locale({k: v for k, v in document.items() if v is not None}, ident[1])
             config.put_block(document, "input")
             config.check()
-            repo = BlockRepository(session)
+            repo = BlockRepository(session, clock=self._clock)
             if await repo.save_draft(document):
                 changed.append(1)
             record = await repo.get(*ident)
@@ -283,16 +313,17 @@ class Admin:
     async def delete_block(self, key: str, locale: str | None) -> bool:
         async with self._write() as (session, changed):
             locale = locale or await self._default_locale(session)
-            if await BlockRepository(session).delete(key, locale):
-                changed.append(1)
-        return bool(changed)
+            if not await BlockRepository(session, clock=self._clock).delete(key, locale):
+                raise NotFoundError(f"block '{key}' in locale '{locale}'")
+            changed.append(1)
+        return True
 
     async def publish_block(self, key: str, locale: str | None) -> BlockVersionState:
         """Publish the block's draft as a new immutable version (a draft equal to the live version
         is not published again)."""
         async with self._write() as (session, changed):
             locale = locale or await self._default_locale(session)
-            repo = BlockRepository(session)
+            repo = BlockRepository(session, clock=self._clock)
             record = await repo.get(key, locale)
             if record is None:
                 raise NotFoundError(f"block '{key}' in locale '{locale}'")
@@ -309,7 +340,7 @@ class Admin:
     async def unpublish_block(self, key: str, locale: str | None) -> bool:
         async with self._write() as (session, changed):
             locale = locale or await self._default_locale(session)
-            repo = BlockRepository(session)
+            repo = BlockRepository(session, clock=self._clock)
             if await repo.get(key, locale) is None:
                 raise NotFoundError(f"block '{key}' in locale '{locale}'")
             if await repo.unpublish(key, locale):
@@ -319,7 +350,7 @@ class Admin:
     async def block_versions(self, key: str, locale: str | None) -> list[BlockVersionState]:
         async with self._read() as session:
             locale = locale or await self._default_locale(session)
-            return [_version_state(v) for v in await BlockRepository(session).versions(key, locale)]
+            return [_version_state(v) for v in await BlockRepository(session, clock=self._clock).versions(key, locale)]
 
     # -- bundles ------------------------------------------------------------------------------------
 
@@ -331,7 +362,8 @@ class Admin:
             raise InvalidContent(problems)
         async with self._sessions() as session:
             try:
-                version = await SpaceRepository(session).bump_version()  # first: it takes the write lock
+                # First: bumping the version takes the space's write lock.
+                version = await SpaceRepository(session, clock=self._clock).bump_version()
                 report = ImportReport(dry_run=dry_run, version=version - 1)
                 config = await self._load(session)
                 if "locales" in bundle:
@@ -370,9 +402,10 @@ class Admin:
             bucket[kind] = bucket.get(kind, 0) + 1
 
         changed = False
-        if "locales" in bundle and await SpaceRepository(session).set_locales(dict(bundle["locales"])):
+        space = SpaceRepository(session, clock=self._clock)
+        if "locales" in bundle and await space.set_locales(dict(bundle["locales"])):
             changed = True
-        repo = ConfigRepository(session)
+        repo = ConfigRepository(session, clock=self._clock)
         for kind in ENTITY_KINDS:
             for doc in bundle.get(kind) or ():
                 existed = await repo.get(kind, doc["key"]) is not None
@@ -381,10 +414,10 @@ class Admin:
                     count(report.updated if existed else report.created, kind)
                 else:
                     count(report.unchanged, kind)
-        blocks_repo = BlockRepository(session)
+        blocks_repo = BlockRepository(session, clock=self._clock)
         for ident, doc in blocks:
             record = config.blocks.get(ident)
-            content = _without_status(doc)
+            content = _with_locale(_without_status(doc), ident[1])
             publish = doc.get("status") == "published"
             if publish and record is not None and record.published == content:
                 count(report.unchanged, "blocks")  # live already; a pending draft is left alone
@@ -426,7 +459,7 @@ class Admin:
         if dry_run or not valid:
             return len(valid) if dry_run else 0, rejected
         async with self._sessions() as session, session.begin():
-            written = await ProfileRepository(session).upsert_many(valid)
+            written = await ProfileRepository(session, clock=self._clock).upsert_many(valid)
         return written, rejected
 
     async def import_events(
@@ -453,17 +486,18 @@ class Admin:
         if dry_run or not valid:
             return len(valid) if dry_run else 0, rejected
         async with self._sessions() as session, session.begin():
-            written = await EventRepository(session).insert_many(valid)
+            written = await EventRepository(session, clock=self._clock).insert_many(valid)
         return written, rejected
 
     async def export_bundle(self) -> dict[str, Any]:
         """Everything but profiles and events: what is live, and drafts never published."""
         async with self._read() as session:
-            bundle: dict[str, Any] = {"version": 1, "locales": await SpaceRepository(session).locales()}
+            locales = await SpaceRepository(session, clock=self._clock).locales()
+            bundle: dict[str, Any] = {"version": 1, "locales": locales}
             for kind in ENTITY_KINDS:
-                bundle[kind] = list(await ConfigRepository(session).list(kind))
+                bundle[kind] = list(await ConfigRepository(session, clock=self._clock).list(kind))
             bundle["blocks"] = [
                 {**r.published, "status": "published"} if r.published is not None else {**r.draft, "status": "draft"}
-                for r in await BlockRepository(session).list()
+                for r in await BlockRepository(session, clock=self._clock).list()
             ]
         return bundle

@@ -68,8 +68,13 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
     snapshots = SnapshotHolder(sessions, bus, retention=settings.retention, poll_seconds=settings.version_poll_seconds)
 
     async def announce(version: int) -> None:
-        await snapshots.refresh()  # this instance serves the change before the write returns
-        await bus.publish(CONTENT_CHANNEL, {"version": version})
+        # The change is committed: a failure to announce it must not make the write look failed.
+        # The other instances' version poll and this one's catch up within a second.
+        try:
+            await snapshots.refresh()  # this instance serves the change before the write returns
+            await bus.publish(CONTENT_CHANNEL, {"version": version})
+        except Exception:
+            log.warning("could not announce content version %s; the version poll will", version, exc_info=True)
 
     return Services(
         settings=settings,

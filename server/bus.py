@@ -40,7 +40,10 @@ class _FanOut:
         try:
             yield messages()
         finally:
-            self._queues[channel].discard(queue)
+            queues = self._queues[channel]
+            queues.discard(queue)
+            if not queues:
+                del self._queues[channel]
 
 
 class InProcessBus(_FanOut):

@@ -25,6 +25,10 @@ def _run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items()) or "nothing"
+
+
 def _print_problems(problems: list[Problem], limit: int = 200) -> None:
     for problem in problems[:limit]:
         click.echo(f"  {problem}", err=True)
@@ -100,11 +104,14 @@ def serve(host: str | None, port: int | None, migrate: bool) -> None:
 @main.command()
 def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
+    from sqlalchemy.engine import make_url
+
     from server.migrate import upgrade
 
     settings = Settings()
     _run(upgrade(settings.database_url))
-    click.echo(f"database is at the latest schema: {settings.database_url}")
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)  # never print a password
+    click.echo(f"database is at the latest schema: {shown}")
 
 
 def _ndjson(path: Path) -> Iterator[tuple[int, Any]]:
@@ -177,8 +184,8 @@ def import_(bundle: Path | None, profiles: Path | None, events: Path | None, dry
                 return 1
             what = "would import" if dry_run else "imported"
             click.echo(
-                f"{bundle}: {what} content version {report.version}; created {report.created or 0}, "
-                f"updated {report.updated or 0}, unchanged {report.unchanged or 0}; "
+                f"{bundle}: {what} content version {report.version}; created {_counts(report.created)}; "
+                f"updated {_counts(report.updated)}; unchanged {_counts(report.unchanged)}; "
                 f"{report.profiles} profiles, {report.events} new events"
             )
             if report.rejected:

@@ -196,9 +196,7 @@ class Event(Base):
 class ApiKey(Base):
     __tablename__ = "api_keys"
     __table_args__ = (
-        sa.CheckConstraint(
-            "scope IN ({})".format(", ".join(f"'{scope}'" for scope in API_KEY_SCOPES)), name="scope"
-        ),
+        sa.CheckConstraint("scope IN ({})".format(", ".join(f"'{scope}'" for scope in API_KEY_SCOPES)), name="scope"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 
@@ -16,6 +17,7 @@ _MOBILE_OS = frozenset(
 _DESKTOP_OS = frozenset(
     {"Windows", "Mac OS X", "Linux", "Ubuntu", "Fedora", "Debian", "Chrome OS", "FreeBSD", "OpenBSD", "NetBSD"}
 )
+_TV = re.compile(r"Smart-?TV|SMART-TV|\bTV\b|BRAVIA|\bAFT[A-Z]|GoogleTV|AppleTV|\bRoku|CrKey|Web0S|NetCast|HbbTV")
 _TABLET_FAMILIES = frozenset({"iPad", "Kindle", "Kindle Fire", "Nexus 7", "Nexus 9", "Nexus 10", "Surface"})
 
 
@@ -29,6 +31,8 @@ def device_of(user_agent: str) -> str | None:
     os_family = result.os.family if result.os else None
     if device is not None and device.family == "Spider":
         return "BOT"
+    if _TV.search(user_agent):  # TVs and streaming sticks: before the Android-tablet guess below
+        return "OTHER"
     if device is not None and (
         device.family in _TABLET_FAMILIES or "tablet" in (device.brand or "").lower() or "Tablet" in device.family
     ):
@@ -54,11 +58,12 @@ class RequestInference:
 
     def infer(self, headers: Mapping[str, str]) -> RequestContext:
         country = _first(headers, self._country)
-        if country in ("XX", "T1"):  # Cloudflare's "unknown" and "Tor"
+        country = country.upper() if country else None
+        if country in ("XX", "T1"):  # Cloudflare's "unknown" and "Tor", in whatever case they come
             country = None
         return RequestContext(
             device=device_of(headers.get("user-agent", "")),
-            country=country.upper() if country else None,
+            country=country,
             region=_first(headers, self._region),
             city=_first(headers, self._city),
         )
@@ -66,7 +71,7 @@ class RequestInference:
 
 def _first(headers: Mapping[str, str], names: Sequence[str]) -> str | None:
     for name in names:
-        value = headers.get(name)
-        if value:
-            return value.strip() or None
+        value = (headers.get(name) or "").strip()
+        if value:  # a blank header is absent: the next trusted one may still answer
+            return value
     return None

@@ -132,9 +132,7 @@ class SpaceRepository(_Repository):
         if await self.locales() == locales:
             return False
         await self._session.execute(
-            sa.update(_space)
-            .where(_space.c.id == _SPACE_ID)
-            .values(locales=locales, updated_at=self._clock())
+            sa.update(_space).where(_space.c.id == _SPACE_ID).values(locales=locales, updated_at=self._clock())
         )
         return True
 
@@ -186,9 +184,7 @@ class ConfigRepository(_Repository):
 
     async def delete(self, kind: str, key: str) -> bool:
         table = _config_table(kind)
-        result = await self._session.execute(
-            sa.delete(table).where(table.c.key == key).returning(table.c.key)
-        )
+        result = await self._session.execute(sa.delete(table).where(table.c.key == key).returning(table.c.key))
         return result.first() is not None
 
 
@@ -294,16 +290,12 @@ class BlockRepository(_Repository):
     async def delete(self, key: str, locale: str) -> bool:
         """Delete the block with all its versions; False when there was no such block."""
         # block_versions go with it: ON DELETE CASCADE (server.db turns foreign keys on in SQLite).
-        result = await self._session.execute(
-            sa.delete(_blocks).where(*_block_is(key, locale)).returning(_blocks.c.id)
-        )
+        result = await self._session.execute(sa.delete(_blocks).where(*_block_is(key, locale)).returning(_blocks.c.id))
         return result.first() is not None
 
     async def versions(self, key: str, locale: str) -> builtins.list[BlockVersion]:
         """Every published version of the block, oldest first."""
-        result = await self._session.execute(
-            _block_versions_of(key, locale).order_by(_block_versions.c.version)
-        )
+        result = await self._session.execute(_block_versions_of(key, locale).order_by(_block_versions.c.version))
         return [_block_version(key, locale, row) for row in result]
 
     async def version(self, key: str, locale: str, version: int) -> BlockVersion | None:
@@ -320,9 +312,7 @@ def _block_is(key: str, locale: str) -> tuple[sa.ColumnElement[bool], ...]:
 
 def _block_records() -> _Select:
     # The published document comes with the block in one query: no query per block.
-    live = sa.and_(
-        _block_versions.c.block_id == _blocks.c.id, _block_versions.c.version == _blocks.c.published_version
-    )
+    live = sa.and_(_block_versions.c.block_id == _blocks.c.id, _block_versions.c.version == _blocks.c.published_version)
     return sa.select(
         _blocks.c.key,
         _blocks.c.locale,
@@ -437,17 +427,11 @@ class EventRepository(_Repository):
             )
         if not rows:
             return 0
-        statement = (
-            self._insert(_events)
-            .on_conflict_do_nothing(index_elements=[_events.c.id])
-            .returning(_events.c.id)
-        )
+        statement = self._insert(_events).on_conflict_do_nothing(index_elements=[_events.c.id]).returning(_events.c.id)
         result = await self._session.execute(statement, list(rows.values()))
         return len(result.all())
 
-    async def for_unit(
-        self, *, user_id: str | None, anonymous_id: str | None, since: datetime
-    ) -> list[dict[str, Any]]:
+    async def for_unit(self, *, user_id: str | None, anonymous_id: str | None, since: datetime) -> list[dict[str, Any]]:
         """The events of a viewer (by user id or by anonymous id) after `since`, oldest first."""
         viewer = [
             column == value
@@ -523,14 +507,11 @@ class ApiKeyRepository(_Repository):
         return result.first() is not None
 
     async def touch(self, key_id: int, at: datetime) -> None:
-        await self._session.execute(
-            sa.update(_api_keys).where(_api_keys.c.id == key_id).values(last_used_at=at)
-        )
+        await self._session.execute(sa.update(_api_keys).where(_api_keys.c.id == key_id).values(last_used_at=at))
 
 
 _api_key_columns: Final = tuple(
-    _api_keys.c[name]
-    for name in ("id", "name", "scope", "prefix", "created_at", "revoked_at", "last_used_at")
+    _api_keys.c[name] for name in ("id", "name", "scope", "prefix", "created_at", "revoked_at", "last_used_at")
 )
 
 
@@ -561,9 +542,7 @@ async def load_state(session: AsyncSession) -> StoreState:
     if not session.in_transaction() and session.get_bind().dialect.name == "postgresql":
         await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
     space = (
-        await session.execute(
-            sa.select(_space.c.content_version, _space.c.locales).where(_space.c.id == _SPACE_ID)
-        )
+        await session.execute(sa.select(_space.c.content_version, _space.c.locales).where(_space.c.id == _SPACE_ID))
     ).one()
     configs = ConfigRepository(session)
     return StoreState(
