@@ -165,12 +165,15 @@ class Admin:
         *,
         clock: Clock,
         announce: Callable[[int], Awaitable[None]],
+        profiles_changed: Callable[[list[str]], Awaitable[None]] | None = None,
     ) -> None:
         """``announce(version)`` runs after a change commits: the server refreshes its own snapshot
-        and tells the other instances on the bus."""
+        and tells the other instances on the bus. ``profiles_changed(user_ids)`` runs after profiles
+        are written, so that every instance drops its cached copies."""
         self._sessions = sessions
         self._clock = clock
         self._announce = announce
+        self._profiles_changed = profiles_changed
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -460,6 +463,8 @@ class Admin:
             return len(valid) if dry_run else 0, rejected
         async with self._sessions() as session, session.begin():
             written = await ProfileRepository(session, clock=self._clock).upsert_many(valid)
+        if self._profiles_changed is not None:
+            await self._profiles_changed([p["userId"] for p in valid])
         return written, rejected
 
     async def import_events(

@@ -27,13 +27,12 @@ from server.bus import InProcessBus, RedisBus
 from server.db import create_engine, session_factory
 from server.events import NoHistory
 from server.keys import KeyResolver
-from server.profiles import ProfileStore
+from server.profiles import PROFILES_CHANNEL, ProfileStore
 from server.requests import RequestInference
 from server.settings import Clock, Settings, system_clock
 from server.snapshots import CONTENT_CHANNEL, SnapshotHolder
 
 log = logging.getLogger(__name__)
-PROFILES_CHANNEL = "profiles"
 
 
 class KeyAuthenticator:
@@ -67,6 +66,8 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
     bus: InProcessBus | RedisBus = RedisBus(client, settings.redis_prefix) if client else InProcessBus()
     snapshots = SnapshotHolder(sessions, bus, retention=settings.retention, poll_seconds=settings.version_poll_seconds)
 
+    profiles = ProfileStore(sessions, ttl=settings.profile_cache_ttl_seconds, size=settings.profile_cache_size)
+
     async def announce(version: int) -> None:
         # The change is committed: a failure to announce it must not make the write look failed.
         # The other instances' version poll and this one's catch up within a second.
@@ -76,6 +77,14 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
         except Exception:
             log.warning("could not announce content version %s; the version poll will", version, exc_info=True)
 
+    async def profiles_changed(user_ids: list[str]) -> None:
+        for user_id in user_ids:  # this instance at once (read-your-writes), the others by the bus
+            profiles.invalidate(user_id)
+        try:
+            await bus.publish(PROFILES_CHANNEL, {"userIds": user_ids})
+        except Exception:  # the cached copies expire on their own (TTL)
+            log.warning("could not announce %d changed profiles", len(user_ids), exc_info=True)
+
     return Services(
         settings=settings,
         engine=engine,
@@ -83,16 +92,17 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
         redis=client,
         bus=bus,
         snapshots=snapshots,
-        profiles=ProfileStore(sessions, ttl=settings.profile_cache_ttl_seconds, size=settings.profile_cache_size),
+        profiles=profiles,
         keys=KeyResolver(sessions, ttl=settings.key_cache_ttl_seconds),
-        admin=Admin(sessions, clock=clock, announce=announce),
+        admin=Admin(sessions, clock=clock, announce=announce, profiles_changed=profiles_changed),
     )
 
 
 async def _follow_profiles(services: Services) -> None:
     async with services.bus.subscribe(PROFILES_CHANNEL) as messages:
         async for message in messages:
-            services.profiles.invalidate(message.get("userId"))
+            for user_id in message.get("userIds") or ():
+                services.profiles.invalidate(user_id)
 
 
 def create_app(settings: Settings | None = None, *, clock: Clock = system_clock) -> Starlette:

@@ -44,6 +44,7 @@ class _Tools:
 
         from server.admin import Admin
         from server.db import create_engine, session_factory
+        from server.profiles import PROFILES_CHANNEL
         from server.snapshots import CONTENT_CHANNEL
 
         self.engine = create_engine(settings.database_url)
@@ -56,7 +57,12 @@ class _Tools:
             if self.redis is not None:
                 await self.redis.publish(prefix + "bus:" + CONTENT_CHANNEL, orjson.dumps({"version": version}))
 
-        self.admin = Admin(self.sessions, clock=system_clock, announce=announce)
+        async def profiles_changed(user_ids: list[str]) -> None:
+            if self.redis is not None:
+                message = orjson.dumps({"userIds": user_ids})
+                await self.redis.publish(prefix + "bus:" + PROFILES_CHANNEL, message)
+
+        self.admin = Admin(self.sessions, clock=system_clock, announce=announce, profiles_changed=profiles_changed)
 
     async def close(self) -> None:
         if self.redis is not None:

@@ -14,7 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from schema.ports import Profile
 from server.store import ProfileRepository
 
-_MISSING_PROFILE = object()
+PROFILES_CHANNEL = "profiles"
+# A missing profile is remembered briefly: a profile written by another process (a CLI import in the
+# embedded mode, which has no bus) shows up within this many seconds.
+NEGATIVE_TTL = 5.0
 
 
 class ProfileStore:
@@ -60,7 +63,8 @@ class ProfileStore:
         return Profile(traits=traits, consent=_consents(consent))
 
     def _remember(self, user_id: str, profile: Profile | None) -> None:
-        self._cache[user_id] = (profile, time.monotonic() + self._ttl)
+        ttl = self._ttl if profile is not None else min(self._ttl, NEGATIVE_TTL)
+        self._cache[user_id] = (profile, time.monotonic() + ttl)
         self._cache.move_to_end(user_id)
         while len(self._cache) > self._size:
             self._cache.popitem(last=False)
