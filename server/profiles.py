@@ -29,6 +29,7 @@ class ProfileStore:
         self._size = size
         self._cache: OrderedDict[str, tuple[Profile | None, float]] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Profile | None]] = {}
+        self.invalidated = asyncio.Event()  # set (and replaced) by every invalidation: a wait point
 
     async def get(self, user_id: str) -> Profile | None:
         hit = self._cache.get(user_id)
@@ -74,6 +75,8 @@ class ProfileStore:
             self._cache.clear()
         else:
             self._cache.pop(user_id, None)
+        self.invalidated.set()
+        self.invalidated = asyncio.Event()
 
 
 def _consents(consent: Mapping[str, Any] | None) -> bool:
