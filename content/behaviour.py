@@ -53,6 +53,13 @@ class EventLog:
         hi = bisect_right(times, until)
         return self._by_type[type_][lo:hi]
 
+    def after(self, type_: str, instant: datetime) -> Sequence[Event]:
+        """Events of ``type_`` with ``at > instant``."""
+        times = self._times.get(type_)
+        if not times:
+            return ()
+        return self._by_type[type_][bisect_right(times, instant) :]
+
 
 EMPTY_HISTORY = EventLog()
 
@@ -64,6 +71,15 @@ def window(history: History, type_: str, after: datetime, until: datetime) -> Se
     events = history.of_type(type_)
     times = [e.at for e in events]
     return events[bisect_right(times, after) : bisect_right(times, until)]
+
+
+def after(history: History, type_: str, instant: datetime) -> Sequence[Event]:
+    """Events of ``type_`` with ``at > instant``, in ascending time order: seen from ``instant``, the
+    future-dated ones (a tracker's clock ahead of ours, or an email rendered for an earlier send time)."""
+    if isinstance(history, EventLog):
+        return history.after(type_, instant)
+    events = history.of_type(type_)
+    return events[bisect_right([e.at for e in events], instant) :]
 
 
 def latest(history: History, type_: str, after: datetime, until: datetime) -> Event | None:

@@ -4,13 +4,14 @@ that explains each choice. Reads a :class:`~content.snapshot.Snapshot`; touches 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from content.behaviour import EMPTY_HISTORY, History
 from content.bucketing import bucket, rollout_threshold
-from content.rules import Facts
+from content.rules import Facts, earliest
 from content.snapshot import DEFAULT_PLACEMENT_LIMIT, Block, BlockView, Segment, Snapshot
 from content.viewer import Viewer
 
@@ -84,8 +85,16 @@ class Evaluation:
         self.snapshot = snapshot
         self.viewer = viewer
         self.consent = consent
-        self.facts = Facts(viewer, traits=traits, history=history, retention=snapshot.retention, segment=self.segment)
+        self.facts = Facts(
+            viewer,
+            traits=traits,
+            history=history,
+            retention=snapshot.retention,
+            segment=self.segment,
+            segment_boundary=self.segment_boundary,
+        )
         self._segments: dict[str, bool] = {}
+        self._boundaries: dict[str, datetime | None] = {}
         self._flags: dict[str, FlagValue] = {}
 
     # -- segments and flags --------------------------------------------------------------------
@@ -98,6 +107,24 @@ class Evaluation:
             member = self.consent and definition is not None and definition.rule(self.facts)
             self._segments[key] = member
         return member
+
+    def segment_boundary(self, key: str) -> datetime | None:
+        """The earliest instant after the viewer's ``at`` at which membership of segment ``key`` can
+        change if no new event arrives (it may be early, never late); None when time alone cannot
+        change it, for an unknown segment, and without consent."""
+        if key in self._boundaries:
+            return self._boundaries[key]
+        definition = self.snapshot.segments.get(key)
+        at = definition.boundary(self.facts) if self.consent and definition is not None else None
+        self._boundaries[key] = at
+        return at
+
+    def next_change(self, keys: Iterable[str] | None = None) -> datetime | None:
+        """When to evaluate this viewer again: the earliest :meth:`segment_boundary` of ``keys``
+        (by default every segment that time alone can change), or None."""
+        if not self.consent:
+            return None
+        return earliest(self.segment_boundary(k) for k in (self.snapshot.timed_segments if keys is None else keys))
 
     def segments(self) -> list[Segment]:
         """The viewer's segments, by priority (descending) and then key."""

@@ -3,14 +3,15 @@ compile it, once per published version, into a plain callable that the request p
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, TypeGuard
 
-from content.behaviour import History, latest, window
+from content.behaviour import Event, History, after, latest, window
 from content.errors import Problem
 from content.viewer import Viewer
 
@@ -341,11 +342,16 @@ def event_types(node: Any, scores: Mapping[str, ScoreDef] | None = None) -> set[
 # Evaluation
 
 
-class Facts:
-    """What one evaluation knows about the viewer. ``segment(key)`` answers membership (memoised by
-    the caller); ``traits`` is None for a viewer without a profile or consent."""
+def _no_boundary(key: str) -> datetime | None:
+    return None
 
-    __slots__ = ("history", "retention", "segment", "traits", "viewer")
+
+class Facts:
+    """What one evaluation knows about the viewer. ``segment(key)`` answers membership and
+    ``segment_boundary(key)`` when that membership can next change with time alone (both memoised
+    by the caller); ``traits`` is None for a viewer without a profile or consent."""
+
+    __slots__ = ("history", "retention", "segment", "segment_boundary", "traits", "viewer")
 
     def __init__(
         self,
@@ -355,15 +361,20 @@ class Facts:
         history: History,
         retention: timedelta,
         segment: Callable[[str], bool],
+        segment_boundary: Callable[[str], datetime | None] = _no_boundary,
     ) -> None:
         self.viewer = viewer
         self.traits = traits
         self.history = history
         self.retention = retention
         self.segment = segment
+        self.segment_boundary = segment_boundary
 
 
 Rule = Callable[[Facts], bool]
+Boundary = Callable[[Facts], datetime | None]
+"""The earliest instant strictly after ``facts.viewer.at`` at which a rule's truth can change if no
+new event arrives, or None when it cannot change with time alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,12 +557,15 @@ def _compile_context(node: Mapping[str, Any]) -> Rule:
     return context
 
 
+def _rounded_score(score: ScoreDef, history: History, now: datetime, retention: timedelta) -> float:
+    return round(score_value(score, history, now, retention), 6)
+
+
 def _compile_score(node: Mapping[str, Any], score: ScoreDef) -> Rule:
     test = predicate(node["op"], node["value"])
 
     def rule(facts: Facts) -> bool:
-        value = score_value(score, facts.history, facts.viewer.at, facts.retention)
-        return test(round(value, 6))
+        return test(_rounded_score(score, facts.history, facts.viewer.at, facts.retention))
 
     return rule
 
@@ -580,13 +594,31 @@ def _span(within: timedelta | None, retention: timedelta) -> timedelta:
     return retention if within is None else min(within, retention)
 
 
+@dataclass(frozen=True, slots=True)
+class _EventCount:
+    """An event condition, parsed: shared by the rule and its boundary so that both count alike."""
+
+    type: str
+    within: timedelta | None
+    where: Callable[[Mapping[str, Any]], bool] | None
+    compare: Callable[[int, int], bool]
+    n: int
+
+    @classmethod
+    def parse(cls, node: Mapping[str, Any]) -> _EventCount:
+        op, n = next(iter(node.get("count", {"gte": 1}).items()))
+        within = parse_duration(node["within"]) if "within" in node else None
+        return cls(node["event"], within, _where(node.get("where")), _COUNT_COMPARE[op], int(n))
+
+    def matching(self, events: Sequence[Event]) -> Sequence[Event]:
+        where = self.where
+        return events if where is None else [e for e in events if where(e.properties)]
+
+
 def _compile_event(node: Mapping[str, Any]) -> Rule:
-    type_: str = node["event"]
-    within = parse_duration(node["within"]) if "within" in node else None
-    where = _where(node.get("where"))
-    op, n = next(iter(node.get("count", {"gte": 1}).items()))
-    compare = _COUNT_COMPARE[op]
-    n = int(n)
+    condition = _EventCount.parse(node)
+    type_, within, where = condition.type, condition.within, condition.where
+    compare, n = condition.compare, condition.n
 
     def rule(facts: Facts) -> bool:
         now = facts.viewer.at
@@ -597,18 +629,260 @@ def _compile_event(node: Mapping[str, Any]) -> Rule:
     return rule
 
 
+@dataclass(frozen=True, slots=True)
+class _Abandonment:
+    """An abandonment condition, parsed: shared by the rule and its boundary."""
+
+    type: str
+    other: str
+    hold: timedelta
+    within: timedelta | None
+
+    @classmethod
+    def parse(cls, node: Mapping[str, Any]) -> _Abandonment:
+        hold = parse_duration(node["for"])
+        assert hold is not None
+        within = parse_duration(node["within"]) if "within" in node else None
+        return cls(node["event"], node["not_followed_by"], hold, within)
+
+    def holds(self, history: History, now: datetime, retention: timedelta) -> bool:
+        started = latest(history, self.type, now - _span(self.within, retention), now)
+        if started is None or now - started.at < self.hold:
+            return False
+        return not window(history, self.other, started.at, now)
+
+
 def _compile_abandonment(node: Mapping[str, Any]) -> Rule:
-    type_: str = node["event"]
-    other: str = node["not_followed_by"]
-    hold = parse_duration(node["for"])
-    within = parse_duration(node["within"]) if "within" in node else None
-    assert hold is not None
+    condition = _Abandonment.parse(node)
 
     def rule(facts: Facts) -> bool:
-        now = facts.viewer.at
-        started = latest(facts.history, type_, now - _span(within, facts.retention), now)
-        if started is None or now - started.at < hold:
-            return False
-        return not window(facts.history, other, started.at, now)
+        return condition.holds(facts.history, facts.viewer.at, facts.retention)
 
     return rule
+
+
+# --------------------------------------------------------------------------------------------------
+# Boundaries: when a rule's truth can next change with time alone
+#
+# Seen as functions of `now` with the history fixed, behavioural conditions are step functions that
+# hold their value on half-open intervals [a, b): an event counts from its instant t until t + span
+# (where `now - span < t` fails), an abandonment turns true at t_A + for, and a rounded score steps at
+# some microsecond (datetime's resolution). A boundary is the start of the next interval: the truth
+# at `now` holds until just before it and may differ at it. Boundaries may be early (the caller
+# evaluates again and asks again) but never late, and always strictly after `now`.
+
+_TICK = timedelta(microseconds=1)
+_BRACKET = timedelta(milliseconds=1)
+_HALF_UNIT = 5e-7  # half of the 6th decimal place, where round(value, 6) steps
+
+
+def never(facts: Facts) -> datetime | None:
+    """The boundary of a rule that time alone cannot change."""
+    return None
+
+
+def earliest(instants: Iterable[datetime | None]) -> datetime | None:
+    """The earliest of the instants that are not None, or None."""
+    found = [at for at in instants if at is not None]
+    return min(found) if found else None
+
+
+def compile_boundary(node: Any, scores: Mapping[str, ScoreDef]) -> Boundary:
+    """Compile a valid rule into its :data:`Boundary`: for the viewer's facts, the earliest instant
+    strictly after ``facts.viewer.at`` at which the rule's truth can change if no new event arrives
+    (events already in the history with a later time count from their instant), or None when time
+    alone cannot change it. The instant may be early, never late."""
+    if "all" in node or "any" in node:
+        return _combined_boundary(node, scores)
+    if "not" in node:
+        return compile_boundary(node["not"], scores)
+    if "trait" in node or "context" in node:
+        # Traits change by identify, never by time. Context (`at`, `local_hour`...) does change with
+        # time, but only targeting rules may read it and those are evaluated per request; segments,
+        # whose membership is what gets scheduled, cannot contain a context condition.
+        return never
+    if "segment" in node:
+        key: str = node["segment"]
+        return lambda facts: facts.segment_boundary(key)
+    if "score" in node:
+        return _score_boundary(node, scores[node["score"]])
+    if "not_followed_by" in node:
+        return _abandonment_boundary(node)
+    return _event_boundary(node)
+
+
+def _combined_boundary(node: Mapping[str, Any], scores: Mapping[str, ScoreDef]) -> Boundary:
+    form = "all" if "all" in node else "any"
+    children = [(compile_rule(item, scores), compile_boundary(item, scores)) for item in node[form]]
+    if all(child is never for _, child in children):
+        return never
+    settling = form == "any"  # the truth of one child that decides the whole: true for any, false for all
+
+    def boundary(facts: Facts) -> datetime | None:
+        soonest: datetime | None = None
+        for rule, child in children:
+            at = child(facts)
+            if at is None:
+                # This child keeps its truth for good; when that truth decides the whole, so does the
+                # whole (a non-gold viewer never enters "gold and abandoned a cart" by waiting).
+                if rule(facts) == settling:
+                    return None
+            elif soonest is None or at < soonest:
+                soonest = at
+        return soonest
+
+    return boundary
+
+
+def _event_boundary(node: Mapping[str, Any]) -> Boundary:
+    condition = _EventCount.parse(node)
+
+    def boundary(facts: Facts) -> datetime | None:
+        now = facts.viewer.at
+        span = _span(condition.within, facts.retention)
+        counted = condition.matching(window(facts.history, condition.type, now - span, now))
+        coming = condition.matching(after(facts.history, condition.type, now))
+        # Each event counts on [t, t + span), so the count only steps at those instants: walk them in
+        # order and stop at the first where the comparison turns (not merely where the count moves).
+        steps = [(e.at + span, -1) for e in counted]  # already in time order
+        if coming:
+            steps += [(e.at, 1) for e in coming] + [(e.at + span, -1) for e in coming]
+            steps.sort(key=lambda step: step[0])
+        count = len(counted)
+        truth = condition.compare(count, condition.n)
+        for index, (at, step) in enumerate(steps):
+            count += step
+            last_at_this_instant = index + 1 == len(steps) or steps[index + 1][0] != at
+            if last_at_this_instant and condition.compare(count, condition.n) != truth:
+                return at
+        return None
+
+    return boundary
+
+
+def _abandonment_boundary(node: Mapping[str, Any]) -> Boundary:
+    condition = _Abandonment.parse(node)
+
+    def boundary(facts: Facts) -> datetime | None:
+        history, now, retention = facts.history, facts.viewer.at, facts.retention
+        span = _span(condition.within, retention)
+        # The truth can only change when a start arrives, has waited `for`, or leaves the window
+        # (the latest one: older starts have left before it), or when an end arrives. Between those
+        # instants nothing it reads moves, so trying each in order finds the first change exactly.
+        started = latest(history, condition.type, now - span, now)
+        starts = [*([started] if started is not None else []), *after(history, condition.type, now)]
+        instants = {at for s in starts for at in (s.at, s.at + condition.hold, s.at + span)}
+        instants.update(e.at for e in after(history, condition.other, now))
+        truth = condition.holds(history, now, retention)
+        for at in sorted(at for at in instants if at > now):
+            if condition.holds(history, at, retention) != truth:
+                return at
+        return None
+
+    return boundary
+
+
+def _score_boundary(node: Mapping[str, Any], score: ScoreDef) -> Boundary:
+    """A score's value moves for two reasons: decay, and its window changing (an event reaching its
+    instant, or leaving retention). Between window changes every term decays with the same half-life,
+    so the whole sum does: S(t) = S(now) * 2 ** (-(t - now) / half_life), whatever the signs of the
+    weights. The value therefore moves monotonically towards 0 (down from a positive score, up from
+    a negative one), and so does its rounding: each test "rounded < N" and "rounded > N" changes at
+    most once before the window changes, at an instant found by bisection on the microsecond, with
+    the rule's own arithmetic. (With weights of both signs the float sum is monotone only to its last
+    bit; a wobble exactly at a rounding edge could move that instant by a microsecond or so.)"""
+    test = predicate(node["op"], node["value"])
+    value = node["value"]
+    thresholds = [float(v) for v in value] if node["op"] == "between" else [float(value)]
+    half_life = score.half_life.total_seconds()
+
+    def boundary(facts: Facts) -> datetime | None:
+        history, now, retention = facts.history, facts.viewer.at, facts.retention
+        window_change = _score_window_change(score, history, now, retention)
+        if window_change is None:
+            return None  # no event in the window and none to come: the score stays 0
+
+        def rounded(at: datetime) -> float:
+            return _rounded_score(score, history, at, retention)
+
+        exact = score_value(score, history, now, retention)
+        truth = test(round(exact, 6))
+        changes: list[datetime] = []
+        for n in thresholds:
+            # rounded < n changes where the exact value crosses about n - half a unit, rounded > n
+            # about n + half a unit: the analytic crossing narrows the bisection to a millisecond.
+            for target, side in ((n - _HALF_UNIT, _below(n)), (n + _HALF_UNIT, _above(n))):
+                hint = _decay_crossing(exact, target, half_life, now, window_change)
+                at = _first_change(_at(rounded, side), now, window_change, hint)
+                if at is not None:
+                    changes.append(at)
+        for at in sorted(changes):
+            if test(rounded(at)) != truth:
+                return at
+        return window_change
+
+    return boundary
+
+
+def _at(value: Callable[[datetime], float], test: Callable[[float], bool]) -> Callable[[datetime], bool]:
+    return lambda at: test(value(at))
+
+
+def _below(n: float) -> Callable[[float], bool]:
+    return lambda value: value < n
+
+
+def _above(n: float) -> Callable[[float], bool]:
+    return lambda value: value > n
+
+
+def _score_window_change(
+    score: ScoreDef, history: History, now: datetime, retention: timedelta
+) -> datetime | None:
+    """The next instant after ``now`` at which an event enters or leaves the score's sum."""
+    instants: list[datetime] = []
+    for type_ in score.weights:
+        counted = window(history, type_, now - retention, now)
+        if counted:
+            instants.append(counted[0].at + retention)  # the oldest leaves first
+        coming = after(history, type_, now)
+        if coming:
+            instants.append(coming[0].at)
+    return min(instants) if instants else None
+
+
+def _decay_crossing(
+    exact: float, target: float, half_life: float, now: datetime, until: datetime
+) -> datetime | None:
+    """When ``exact * 2 ** (-(t - now) / half_life)`` reaches ``target``, if before ``until``."""
+    if target == 0 or exact / target <= 1:
+        return None  # it never does: opposite signs, or already at or past the target
+    seconds = half_life * math.log2(exact / target)
+    if seconds >= (until - now).total_seconds():
+        return None
+    return now + timedelta(seconds=seconds)
+
+
+def _first_change(
+    holds: Callable[[datetime], bool], start: datetime, end: datetime, hint: datetime | None
+) -> datetime | None:
+    """The first microsecond in (start, end) at which ``holds`` differs from its value at ``start``,
+    or None; ``holds`` must change at most once there. ``hint``, a guess of the instant, saves steps."""
+    initial = holds(start)
+    low, high = start, end - _TICK  # invariant: holds(low) == initial != holds(high)
+    if high <= low or holds(high) == initial:
+        return None
+    if hint is not None:
+        for probe in (hint - _BRACKET, hint + _BRACKET):
+            if low < probe < high:
+                if holds(probe) == initial:
+                    low = probe
+                else:
+                    high = probe
+    while high - low > _TICK:
+        middle = low + (high - low) // 2
+        if holds(middle) == initial:
+            low = middle
+        else:
+            high = middle
+    return high

@@ -14,8 +14,10 @@ from typing import Any
 from content.bucketing import arm_thresholds
 from content.bundle import DEFAULT_LOCALES, block_locale
 from content.rules import (
+    Boundary,
     Rule,
     ScoreDef,
+    compile_boundary,
     compile_rule,
     event_types,
     parse_duration,
@@ -84,6 +86,7 @@ class Segment:
     rule: Rule
     event_types: frozenset[str]  # event types whose arrival can change membership (directly)
     references: frozenset[str]  # segments it refers to
+    boundary: Boundary  # when membership can next change with time alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,10 @@ class Snapshot:
     published: BlockView
     preview: BlockView
     retention: timedelta = DEFAULT_RETENTION
+    # event type -> the segments whose membership its arrival can change, directly or through
+    # references, in segment_order
+    segments_by_event_type: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    timed_segments: tuple[str, ...] = ()  # membership can change with time alone; in segment_order
     _chains: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def locale_chain(self, locale: str | None) -> tuple[str, ...]:
@@ -193,10 +200,19 @@ class Snapshot:
                 rule=compile_rule(s["rule"], score_defs),
                 event_types=frozenset(event_types(s["rule"], score_defs)),
                 references=frozenset(segment_references(s["rule"])),
+                boundary=compile_boundary(s["rule"], score_defs),
             )
             for s in segments
         }
         order = tuple(sorted(compiled_segments, key=lambda k: (-compiled_segments[k].priority, k)))
+        referrers = _referrers(compiled_segments)
+        by_event_type: dict[str, set[str]] = {}
+        for segment in compiled_segments.values():
+            for type_ in segment.event_types:
+                by_event_type.setdefault(type_, set()).add(segment.key)
+        # Only conditions that read events can change with time alone (windows slide, scores decay);
+        # a segment reading no event may still refer to one that does.
+        timed = _closure({k for k, s in compiled_segments.items() if s.event_types}, referrers)
         compiled_flags = {
             f["key"]: Flag(
                 key=f["key"],
@@ -246,7 +262,36 @@ class Snapshot:
             published=_index(published),
             preview=_index(preview),
             retention=retention,
+            segments_by_event_type={
+                type_: _in_order(order, _closure(direct, referrers)) for type_, direct in sorted(by_event_type.items())
+            },
+            timed_segments=_in_order(order, timed),
         )
+
+
+def _referrers(segments: Mapping[str, Segment]) -> dict[str, set[str]]:
+    """segment key -> the segments that refer to it directly."""
+    referrers: dict[str, set[str]] = {}
+    for segment in segments.values():
+        for key in segment.references:
+            referrers.setdefault(key, set()).add(segment.key)
+    return referrers
+
+
+def _in_order(order: Sequence[str], keys: set[str]) -> tuple[str, ...]:
+    return tuple(k for k in order if k in keys)
+
+
+def _closure(keys: set[str], referrers: Mapping[str, set[str]]) -> set[str]:
+    """``keys`` and every segment referring to one of them, however indirectly."""
+    found = set(keys)
+    pending = list(keys)
+    while pending:
+        for referrer in referrers.get(pending.pop(), ()):
+            if referrer not in found:
+                found.add(referrer)
+                pending.append(referrer)
+    return found
 
 
 def _duration(text: str) -> timedelta:

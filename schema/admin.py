@@ -546,6 +546,19 @@ class BlockMutations:
             )
         return ImportResult.from_report(report)
 
+    @strawberry.mutation(
+        description="Delete everything Tessera holds about a viewer: profile, events, identities, "
+        "behavioural state, memberships and cached copies, on every instance. Says what it removed."
+    )
+    async def delete_viewer_data(
+        self, info: Info, user_id: str | None = None, anonymous_id: str | None = None
+    ) -> Payload[JSON]:
+        if not user_id and not anonymous_id:
+            error = InputError(path="userId", message="give a userId or an anonymousId", code="INVALID")
+            return _payload(None, [error])
+        removed = await _admin(info).delete_viewer_data(user_id=user_id, anonymous_id=anonymous_id)
+        return _payload(JSON(dict(removed)), [])
+
     @strawberry.mutation(description='Set the locales: {"default": "en-US", "fallbacks": {"de-AT": "de-DE"}}.')
     async def set_locales(self, info: Info, locales: JSON) -> Payload[JSON]:
         result, errors = await _attempt(lambda: _admin(info).set_locales(locales))

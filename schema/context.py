@@ -17,7 +17,7 @@ from content.errors import InvalidViewer
 from content.snapshot import Snapshot
 from content.viewer import make_viewer
 from schema.errors import user_error
-from schema.ports import AdminService, HistorySource, Principal, ProfileSource, RequestContext
+from schema.ports import AdminService, HistorySource, Ingest, Principal, ProfileSource, RequestContext
 from schema.types import ViewerInput
 
 
@@ -32,6 +32,7 @@ class Context:
     profiles: ProfileSource
     history: HistorySource
     admin: AdminService | None = None
+    ingest: Ingest | None = None
     _evaluations: dict[tuple[Any, ...], Evaluation] = field(default_factory=dict)
 
     async def evaluation(self, viewer: ViewerInput | None, path: str = "viewer") -> Evaluation:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import strawberry
 from strawberry.extensions import ParserCache, ValidationCache
@@ -135,11 +136,36 @@ class Query:
         )
 
 
+def _event_record(event: EventInput) -> dict[str, Any]:
+    record: dict[str, Any] = {"type": event.type}
+    for name, value in (
+        ("id", event.id),
+        ("userId", event.user_id),
+        ("anonymousId", event.anonymous_id),
+        ("at", event.at),
+        ("properties", event.properties),
+    ):
+        if value is not None:
+            record[name] = value
+    return record
+
+
 @strawberry.type
 class Mutation:
     @strawberry.mutation(permission_classes=[CanTrack])
     async def track(self, info: Info, events: list[EventInput]) -> TrackResult:
-        raise not_implemented("track (event ingestion)")
+        """Record events. Each invalid one is rejected and reported; the valid ones are accepted and
+        durable when this returns, and the next query of their viewer reflects them."""
+        ingest = info.context.ingest
+        if ingest is None:
+            raise not_implemented("track (event ingestion)")
+        records = [(f"events[{i}]", _event_record(e)) for i, e in enumerate(events)]
+        report = await ingest.track(records)
+        return TrackResult(
+            accepted=report.accepted,
+            rejected=report.rejected_count,
+            errors=[str(problem) for problem in report.rejected],
+        )
 
 
 @strawberry.type

@@ -21,7 +21,7 @@ from strawberry.types import ExecutionResult
 
 from schema.context import Context
 from schema.errors import FORBIDDEN, UNAUTHENTICATED
-from schema.ports import AdminService, HistorySource, Inference, Principal, ProfileSource, SnapshotSource
+from schema.ports import AdminService, HistorySource, Inference, Ingest, Principal, ProfileSource, SnapshotSource
 
 _STATUS_CODES = {401: UNAUTHENTICATED, 403: FORBIDDEN}
 
@@ -56,6 +56,7 @@ class TesseraGraphQL(GraphQL[Context, None]):
         history: HistorySource,
         clock: Callable[[], datetime],
         admin: AdminService | None = None,
+        ingest: Ingest | None = None,
         graphiql: bool = True,
         max_body_bytes: int = 1_000_000,
     ) -> None:
@@ -68,6 +69,7 @@ class TesseraGraphQL(GraphQL[Context, None]):
         self._history = history
         self._clock = clock
         self._admin = admin
+        self._ingest = ingest
         self._max_body_bytes = max_body_bytes
 
     def encode_json(self, data: object) -> bytes:
@@ -132,6 +134,7 @@ class TesseraGraphQL(GraphQL[Context, None]):
             profiles=self._profiles,
             history=self._history,
             admin=self._admin,
+            ingest=self._ingest,
         )
 
     async def _principal(self, request: Request | WebSocket) -> Principal:

@@ -3,7 +3,7 @@ knows about SQL, Redis or HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +55,25 @@ class ProfileSource(Protocol):
 
 class HistorySource(Protocol):
     async def history(self, *, user_id: str | None, anonymous_id: str | None, now: datetime) -> History: ...
+
+
+class TrackReport(Protocol):
+    """What became of a batch of events."""
+
+    @property
+    def accepted(self) -> int: ...
+
+    @property
+    def rejected(self) -> list[Problem]: ...
+
+    @property
+    def rejected_count(self) -> int: ...
+
+
+class Ingest(Protocol):
+    async def track(self, records: Sequence[tuple[str, Any]], *, strict: bool = False) -> TrackReport:
+        """Check and store (path, event) records; invalid ones are reported, the others accepted."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +156,10 @@ class AdminService(Protocol):
 
     async def set_locales(self, locales: Any) -> Mapping[str, Any]: ...
 
+    async def delete_viewer_data(self, *, user_id: str | None, anonymous_id: str | None) -> Mapping[str, int]:
+        """Remove a viewer's profile, events, identities, state, memberships and cached copies."""
+        ...
+
 
 class NotFoundError(Exception):
     """The thing named does not exist (``what`` says which)."""
@@ -163,10 +186,12 @@ __all__ = [
     "HistorySource",
     "ImportReport",
     "Inference",
+    "Ingest",
     "NotFoundError",
     "Principal",
     "Profile",
     "ProfileSource",
     "RequestContext",
     "SnapshotSource",
+    "TrackReport",
 ]

@@ -22,7 +22,6 @@ from content.bundle import (
     check_profile,
 )
 from content.errors import InvalidContent, Problem
-from content.rules import parse_instant
 from schema.ports import (
     BlockState,
     BlockVersionState,
@@ -30,13 +29,13 @@ from schema.ports import (
     ImportReport,
     NotFoundError,
 )
+from server.ingest import Ingestor
 from server.settings import Clock
 from server.store import (
     BlockRecord,
     BlockRepository,
     BlockVersion,
     ConfigRepository,
-    EventRepository,
     ProfileRepository,
     SpaceRepository,
 )
@@ -166,6 +165,7 @@ class Admin:
         clock: Clock,
         announce: Callable[[int], Awaitable[None]],
         profiles_changed: Callable[[list[str]], Awaitable[None]] | None = None,
+        ingest: Ingestor | None = None,
     ) -> None:
         """``announce(version)`` runs after a change commits: the server refreshes its own snapshot
         and tells the other instances on the bus. ``profiles_changed(user_ids)`` runs after profiles
@@ -174,6 +174,7 @@ class Admin:
         self._clock = clock
         self._announce = announce
         self._profiles_changed = profiles_changed
+        self._ingest = ingest
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -470,29 +471,34 @@ class Admin:
     async def import_events(
         self, records: Sequence[tuple[str, Any]], *, dry_run: bool = False
     ) -> tuple[int, list[Problem]]:
-        """Store a batch of (path, event) records, dropping duplicates by id; returns (new events,
-        problems of rejected ones)."""
-        valid, rejected = [], []
+        """Store a batch of (path, event) records exactly as tracked events are stored (duplicates by
+        id dropped, viewers without consent skipped); returns (new events, problems of rejected ones)."""
+        rejected: list[Problem] = []
+        valid = []
         for path, record in records:
             problems = check_event(record, path)
             if problems:
                 rejected.extend(problems)
             else:
-                valid.append(
-                    {
-                        "id": record["id"],
-                        "type": record["type"],
-                        "userId": record.get("userId") or None,
-                        "anonymousId": record.get("anonymousId") or None,
-                        "at": parse_instant(record["at"]),
-                        "properties": record.get("properties") or {},
-                    }
-                )
+                valid.append((path, record))
         if dry_run or not valid:
             return len(valid) if dry_run else 0, rejected
-        async with self._sessions() as session, session.begin():
-            written = await EventRepository(session, clock=self._clock).insert_many(valid)
-        return written, rejected
+        if self._ingest is None:
+            raise RuntimeError("the admin service was built without an ingestor")
+        report = await self._ingest.track(valid, strict=True)
+        return report.stored, rejected + report.rejected
+
+    async def delete_viewer_data(self, *, user_id: str | None, anonymous_id: str | None) -> Mapping[str, int]:
+        """Remove a viewer everywhere: profile, events, identities, state, memberships, caches."""
+        if self._ingest is None:
+            raise RuntimeError("the admin service was built without an ingestor")
+        removed = await self._ingest.forget(user_id=user_id or None, anonymous_id=anonymous_id or None)
+        return {
+            "profiles": removed.profiles,
+            "events": removed.events,
+            "stateEvents": removed.state_events,
+            "identities": removed.identities,
+        }
 
     async def export_bundle(self) -> dict[str, Any]:
         """Everything but profiles and events: what is live, and drafts never published."""

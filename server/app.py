@@ -25,12 +25,22 @@ from schema.ports import Principal
 from server.admin import Admin
 from server.bus import InProcessBus, RedisBus
 from server.db import create_engine, session_factory
-from server.events import NoHistory
+from server.events import LocalEventStore, RedisEventStore
+from server.hooks import profile_invalidation_hook
+from server.ingest import Ingestor
 from server.keys import KeyResolver
 from server.profiles import PROFILES_CHANNEL, ProfileStore
 from server.requests import RequestInference
 from server.settings import Clock, Settings, system_clock
 from server.snapshots import CONTENT_CHANNEL, SnapshotHolder
+from server.worker import (
+    Evaluator,
+    LocalMemberships,
+    LocalSchedule,
+    RedisMemberships,
+    RedisSchedule,
+    StreamWorker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,10 @@ class Services:
     profiles: ProfileStore
     keys: KeyResolver
     admin: Admin
+    events: RedisEventStore | LocalEventStore
+    ingest: Ingestor
+    evaluator: Evaluator
+    stream_worker: StreamWorker | None
 
 
 def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
@@ -66,7 +80,7 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
     bus: InProcessBus | RedisBus = RedisBus(client, settings.redis_prefix) if client else InProcessBus()
     snapshots = SnapshotHolder(sessions, bus, retention=settings.retention, poll_seconds=settings.version_poll_seconds)
 
-    profiles = ProfileStore(sessions, ttl=settings.profile_cache_ttl_seconds, size=settings.profile_cache_size)
+    profiles = ProfileStore.from_settings(settings, sessions, client)
 
     async def announce(version: int) -> None:
         # The change is committed: a failure to announce it must not make the write look failed.
@@ -81,10 +95,54 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
         for user_id in user_ids:  # this instance at once (read-your-writes), the others by the bus
             profiles.invalidate(user_id)
         try:
+            await profiles.invalidate_shared(user_ids)  # before the bus: the others re-read from Redis
             await bus.publish(PROFILES_CHANNEL, {"userIds": user_ids})
         except Exception:  # the cached copies expire on their own (TTL)
             log.warning("could not announce %d changed profiles", len(user_ids), exc_info=True)
 
+    async def consents(user_id: str) -> bool:
+        profile = await profiles.get(user_id)
+        return profile is None or profile.consent
+
+    events: RedisEventStore | LocalEventStore
+    memberships: RedisMemberships | LocalMemberships
+    schedule: RedisSchedule | LocalSchedule
+    if client is not None:
+        events = RedisEventStore(client, settings.redis_prefix, retention=settings.retention, clock=clock)
+        memberships = RedisMemberships(client, settings.redis_prefix)
+        schedule = RedisSchedule(client, settings.redis_prefix)
+    else:
+        events, memberships, schedule = (
+            LocalEventStore(sessions, retention=settings.retention, clock=clock),
+            LocalMemberships(),
+            LocalSchedule(),
+        )
+    ingest = Ingestor(
+        events, sessions, limits=settings.limits, clock=clock, consents=consents, profiles_changed=profiles_changed
+    )
+    evaluator = Evaluator(
+        snapshots=snapshots,
+        profiles=profiles,
+        events=events,
+        memberships=memberships,
+        schedule=schedule,
+        bus=bus,
+        clock=clock,
+    )
+    ingest.identity_listeners.append(evaluator.on_identity)
+    ingest.forget_listeners.append(evaluator.on_forget)
+    stream_worker = None
+    if isinstance(events, LocalEventStore):
+        events.appended.append(evaluator.on_events)
+    elif settings.run_worker and client is not None:
+        stream_worker = StreamWorker(
+            client,
+            settings.redis_prefix,
+            evaluator=evaluator,
+            sessions=sessions,
+            clock=clock,
+            claim_idle_ms=settings.worker_claim_idle_ms,
+        )
     return Services(
         settings=settings,
         engine=engine,
@@ -94,7 +152,11 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
         snapshots=snapshots,
         profiles=profiles,
         keys=KeyResolver(sessions, ttl=settings.key_cache_ttl_seconds),
-        admin=Admin(sessions, clock=clock, announce=announce, profiles_changed=profiles_changed),
+        admin=Admin(sessions, clock=clock, announce=announce, profiles_changed=profiles_changed, ingest=ingest),
+        events=events,
+        ingest=ingest,
+        evaluator=evaluator,
+        stream_worker=stream_worker,
     )
 
 
@@ -119,7 +181,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
         "snapshots": services.snapshots,
         "inference": inference,
         "profiles": services.profiles,
-        "history": NoHistory(),
+        "history": services.events,
         "clock": clock,
         "graphiql": settings.graphiql,
         "max_body_bytes": settings.max_body_bytes,
@@ -127,6 +189,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
     delivery = TesseraGraphQL(
         delivery_schema.schema,
         scopes=frozenset({"delivery", "preview", "ingest"}),
+        ingest=services.ingest,
         **common,  # type: ignore[arg-type]
     )
     admin = TesseraGraphQL(
@@ -140,13 +203,28 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.bus.start()
         await services.snapshots.start()
-        follower = asyncio.create_task(_follow_profiles(services), name="profile-invalidation")
+        tasks = [asyncio.create_task(_follow_profiles(services), name="profile-invalidation")]
+        if isinstance(services.events, LocalEventStore):
+            await services.events.load()
+            tasks.append(
+                asyncio.create_task(
+                    services.events.run_follower(settings.events_follow_seconds), name="events-follower"
+                )
+            )
+        if services.stream_worker is not None:
+            await services.stream_worker.ensure_group()
+            tasks.append(asyncio.create_task(services.stream_worker.run(), name="event-worker"))
+        if settings.run_worker:
+            tasks.append(asyncio.create_task(services.evaluator.run_flips(), name="time-flips"))
         try:
             yield
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await services.profiles.close()  # its loads in flight, and the profile service's httpx client
             await services.snapshots.close()
             await services.bus.close()
             if services.redis is not None:
@@ -182,6 +260,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
             Route("/graphql", delivery),
             WebSocketRoute("/graphql", delivery),
             Route("/admin/graphql", admin),
+            profile_invalidation_hook(KeyAuthenticator(services.keys), services.profiles, services.bus),
         ],
         lifespan=lifespan,
     )

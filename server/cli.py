@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
@@ -62,7 +63,35 @@ class _Tools:
                 message = orjson.dumps({"userIds": user_ids})
                 await self.redis.publish(prefix + "bus:" + PROFILES_CHANNEL, message)
 
-        self.admin = Admin(self.sessions, clock=system_clock, announce=announce, profiles_changed=profiles_changed)
+        from server.events import LocalEventStore, RedisEventStore
+        from server.ingest import Ingestor
+        from server.store import ProfileRepository
+
+        async def consents(user_id: str) -> bool:
+            async with self.sessions() as session:
+                profile = await ProfileRepository(session).get(user_id)
+            return profile is None or (profile[1] or {}).get("personalization") is not False
+
+        events: LocalEventStore | RedisEventStore
+        if self.redis is not None:
+            events = RedisEventStore(self.redis, prefix, retention=settings.retention, clock=system_clock)
+        else:  # the database only: a running server follows the events table
+            events = LocalEventStore(self.sessions, retention=settings.retention, clock=system_clock, keep_state=False)
+        self.ingest = Ingestor(
+            events,
+            self.sessions,
+            limits=settings.limits,
+            clock=system_clock,
+            consents=consents,
+            profiles_changed=profiles_changed,
+        )
+        self.admin = Admin(
+            self.sessions,
+            clock=system_clock,
+            announce=announce,
+            profiles_changed=profiles_changed,
+            ingest=self.ingest,
+        )
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -105,6 +134,51 @@ def serve(host: str | None, port: int | None, migrate: bool) -> None:
     if migrate:
         _run(upgrade(settings.database_url))
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="info")
+
+
+@main.command()
+@click.option("--name", default=None, help="This consumer's name in the group (default: host-pid).")
+def worker(name: str | None) -> None:
+    """Evaluate segments from the event stream and announce membership changes (needs Redis).
+
+    Run as many as you like: they share the stream through a consumer group, and the events of a
+    worker that dies are taken over by the others. Time-driven flips are scheduled in Redis and
+    evaluated by whichever worker takes them."""
+    import logging
+
+    from server.app import build_services
+    from server.worker import StreamWorker
+
+    settings = Settings()
+    if settings.redis_url is None:
+        raise click.UsageError("tessera worker needs TESSERA_REDIS_URL; the embedded `tessera serve` evaluates itself")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        services = build_services(settings.model_copy(update={"worker": False}))
+        assert services.redis is not None
+        consumer = StreamWorker(
+            services.redis,
+            settings.redis_prefix,
+            evaluator=services.evaluator,
+            sessions=services.sessions,
+            clock=system_clock,
+            consumer=name,
+            claim_idle_ms=settings.worker_claim_idle_ms,
+        )
+        await services.bus.start()
+        await services.snapshots.start()
+        click.echo(f"worker {consumer.consumer} following {consumer.stream}")
+        try:
+            await asyncio.gather(consumer.run(), services.evaluator.run_flips())
+        finally:
+            await services.snapshots.close()
+            await services.bus.close()
+            await services.redis.aclose()
+            await services.engine.dispose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(run())
 
 
 @main.command()

@@ -182,6 +182,7 @@ class Event(Base):
     __table_args__ = (
         sa.Index(None, "user_id", "at"),
         sa.Index(None, "anonymous_id", "at"),
+        sa.Index(None, "received_at"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
@@ -191,6 +192,17 @@ class Event(Base):
     at: Mapped[datetime]
     properties: Mapped[dict[str, Any]]
     received_at: Mapped[datetime]
+
+
+class Identity(Base):
+    """An anonymous id joined to a user id by identify or alias: its events count for the user."""
+
+    __tablename__ = "identities"
+    __table_args__ = (sa.Index(None, "user_id"),)
+
+    anonymous_id: Mapped[str] = mapped_column(sa.String(256), primary_key=True)
+    user_id: Mapped[str] = mapped_column(sa.String(256))
+    created_at: Mapped[datetime]
 
 
 class ApiKey(Base):

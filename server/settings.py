@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from pydantic import Field
@@ -16,6 +17,16 @@ DEFAULT_REGION_HEADERS = ("cloudfront-viewer-country-region", "x-vercel-ip-count
 DEFAULT_CITY_HEADERS = ("cloudfront-viewer-city", "x-vercel-ip-city", "cf-ipcity")
 
 Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What an event may be: its size, a batch's size, and how far its time may be from now."""
+
+    retention: timedelta
+    max_event_bytes: int = 32 * 1024
+    max_batch_bytes: int = 500 * 1024
+    max_future: timedelta = timedelta(minutes=10)
 
 
 def system_clock() -> datetime:
@@ -40,8 +51,41 @@ class Settings(BaseSettings):
     # How often each instance checks the content version in the database, as a safety net under
     # the bus (and the only signal between processes in the embedded mode).
     version_poll_seconds: float = 1.0
-    profile_cache_ttl_seconds: float = 30.0
+    # Profiles: the built-in store, or an upstream profile service when profile_url is set.
+    profile_url: str | None = None  # a template such as https://cdp.example/profiles/{userId}
+    profile_auth_header: str | None = None  # "Authorization: Bearer s3cret"
+    profile_timeout_seconds: float = 2.0
+    profile_traits_path: str = ""  # dot path to the traits object in the upstream's JSON; "" = the body
+    profile_consent_path: str | None = None  # dot path to the personalization consent boolean, if any
+    profile_cache_ttl_seconds: float = 30.0  # fresh for this long
+    profile_stale_seconds: float = 300.0  # then served stale (and refreshed) for this long
     profile_cache_size: int = 100_000
+    profile_budget_ms: float = 50.0  # the request path waits no longer for a profile
+    profile_breaker_failures: int = 5  # consecutive upstream failures that open the breaker
+    profile_breaker_reset_seconds: float = 30.0
+    # Events
+    event_max_bytes: int = 32 * 1024
+    batch_max_bytes: int = 500 * 1024
+    event_max_future_seconds: float = 600.0  # timestamps further ahead than this are rejected
+    worker_claim_idle_ms: int = 30_000  # a crashed worker's pending events are claimed after this
+    # Run the segment evaluator inside `tessera serve`. Default: yes in the embedded mode; with Redis,
+    # run `tessera worker` processes instead (or set this to true).
+    worker: bool | None = None
+    events_follow_seconds: float = 1.0  # embedded mode: how often events written by other processes are read
+
+    @property
+    def run_worker(self) -> bool:
+        return self.embedded if self.worker is None else self.worker
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            retention=self.retention,
+            max_event_bytes=self.event_max_bytes,
+            max_batch_bytes=self.batch_max_bytes,
+            max_future=timedelta(seconds=self.event_max_future_seconds),
+        )
+
     key_cache_ttl_seconds: float = 30.0
     max_body_bytes: int = 1_000_000
     graphiql: bool = True

@@ -94,6 +94,7 @@ _block_versions = _table(models.BlockVersion)
 _profiles = _table(models.Profile)
 _events = _table(models.Event)
 _api_keys = _table(models.ApiKey)
+_identities = _table(models.Identity)
 _config_tables: Final = {kind: models.Base.metadata.tables[kind] for kind in CONFIG_KINDS}
 
 _SPACE_ID: Final = 1
@@ -400,11 +401,26 @@ class ProfileRepository(_Repository):
     async def count(self) -> int:
         return await _count(self._session, _profiles)
 
+    async def merge_traits(self, user_id: str, traits: dict[str, Any]) -> dict[str, Any]:
+        """Set the given traits (identify), keeping the others; creates the profile. Returns them all."""
+        current = await self.get(user_id)
+        merged = {**(current[0] if current else {}), **traits}
+        consent = current[1] if current else None
+        await self.upsert_many([{"userId": user_id, "traits": merged, "consent": consent}])
+        return merged
+
+    async def delete(self, user_id: str) -> bool:
+        result = await self._session.execute(sa.delete(_profiles).where(_profiles.c.user_id == user_id))
+        return cast(CursorResult[Any], result).rowcount > 0
+
 
 class EventRepository(_Repository):
     """Behavioural events, kept once per id."""
 
     async def insert_many(self, events: Sequence[dict[str, Any]]) -> int:
+        return len(await self.insert_new(events))
+
+    async def insert_new(self, events: Sequence[dict[str, Any]]) -> builtins.list[str]:
         """Store `{"id", "type", "userId"?, "anonymousId"?, "at", "properties"}` objects.
 
         An id that is already stored (or repeated in `events`) keeps its first event. Returns the
@@ -426,10 +442,56 @@ class EventRepository(_Repository):
                 },
             )
         if not rows:
-            return 0
+            return []
         statement = self._insert(_events).on_conflict_do_nothing(index_elements=[_events.c.id]).returning(_events.c.id)
         result = await self._session.execute(statement, list(rows.values()))
-        return len(result.all())
+        return [row.id for row in result]
+
+    async def received_since(self, since: datetime, limit: int = 10_000) -> builtins.list[dict[str, Any]]:
+        """Events that arrived at or after `since`, by arrival (to follow writes of other processes)."""
+        result = await self._session.execute(
+            sa.select(
+                _events.c.id,
+                _events.c.type,
+                _events.c.user_id,
+                _events.c.anonymous_id,
+                _events.c.at,
+                _events.c.properties,
+                _events.c.received_at,
+            )
+            .where(_events.c.received_at >= since)
+            .order_by(_events.c.received_at, _events.c.id)
+            .limit(limit)
+        )
+        return [{**_event_document(row), "receivedAt": row.received_at} for row in result]
+
+    async def since(self, since: datetime) -> builtins.list[dict[str, Any]]:
+        """Every event that happened after `since` (to rebuild behavioural state), oldest first."""
+        result = await self._session.execute(
+            sa.select(
+                _events.c.id,
+                _events.c.type,
+                _events.c.user_id,
+                _events.c.anonymous_id,
+                _events.c.at,
+                _events.c.properties,
+            )
+            .where(_events.c.at > since)
+            .order_by(_events.c.at, _events.c.id)
+        )
+        return [_event_document(row) for row in result]
+
+    async def delete_for(self, *, user_id: str | None, anonymous_ids: Sequence[str]) -> int:
+        """Delete a viewer's events (by user id and any of its anonymous ids); returns how many."""
+        conditions: builtins.list[sa.ColumnElement[bool]] = (
+            [_events.c.anonymous_id.in_(list(anonymous_ids))] if anonymous_ids else []
+        )
+        if user_id is not None:
+            conditions.append(_events.c.user_id == user_id)
+        if not conditions:
+            return 0
+        result = await self._session.execute(sa.delete(_events).where(sa.or_(*conditions)))
+        return cast(CursorResult[Any], result).rowcount
 
     async def for_unit(self, *, user_id: str | None, anonymous_id: str | None, since: datetime) -> list[dict[str, Any]]:
         """The events of a viewer (by user id or by anonymous id) after `since`, oldest first."""
@@ -472,6 +534,49 @@ def _event_document(row: _Row) -> dict[str, Any]:
     document["at"] = row.at
     document["properties"] = row.properties
     return document
+
+
+class IdentityRepository(_Repository):
+    """Anonymous ids joined to user ids (identify, alias)."""
+
+    async def link(self, anonymous_id: str, user_id: str) -> bool:
+        """Join `anonymous_id` to `user_id`; False when it was joined already (to anyone: first wins)."""
+        statement = (
+            self._insert(_identities)
+            .values(anonymous_id=anonymous_id, user_id=user_id, created_at=self._clock())
+            .on_conflict_do_nothing(index_elements=[_identities.c.anonymous_id])
+            .returning(_identities.c.anonymous_id)
+        )
+        return (await self._session.execute(statement)).first() is not None
+
+    async def user_of(self, anonymous_id: str) -> str | None:
+        result = await self._session.execute(
+            sa.select(_identities.c.user_id).where(_identities.c.anonymous_id == anonymous_id)
+        )
+        return result.scalar_one_or_none()
+
+    async def anonymous_ids_of(self, user_id: str) -> builtins.list[str]:
+        result = await self._session.execute(
+            sa.select(_identities.c.anonymous_id)
+            .where(_identities.c.user_id == user_id)
+            .order_by(_identities.c.anonymous_id)
+        )
+        return list(result.scalars())
+
+    async def all(self) -> builtins.list[tuple[str, str]]:
+        result = await self._session.execute(sa.select(_identities.c.anonymous_id, _identities.c.user_id))
+        return [(row.anonymous_id, row.user_id) for row in result]
+
+    async def delete_for(self, *, user_id: str | None, anonymous_id: str | None) -> int:
+        conditions = []
+        if user_id is not None:
+            conditions.append(_identities.c.user_id == user_id)
+        if anonymous_id is not None:
+            conditions.append(_identities.c.anonymous_id == anonymous_id)
+        if not conditions:
+            return 0
+        result = await self._session.execute(sa.delete(_identities).where(sa.or_(*conditions)))
+        return cast(CursorResult[Any], result).rowcount
 
 
 class ApiKeyRepository(_Repository):

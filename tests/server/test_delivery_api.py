@@ -777,18 +777,20 @@ async def test_a_malformed_request_gets_a_graphql_shaped_json_error(
     assert reply.data is None
 
 
-# -- not yet implemented --------------------------------------------------------------------------
+# -- events --------------------------------------------------------------------------
 
 
-async def test_track_answers_not_implemented(app: RunningApp) -> None:
+async def test_track_takes_delivery_and_ingest_keys(app: RunningApp) -> None:
     mutation = 'mutation { track(events: [{type: "page_view", userId: "u-1"}]) { accepted rejected errors } }'
 
     for scope in ("delivery", "ingest"):
         reply = await app.graphql(mutation, key=scope)
 
         assert reply.status == 200
-        assert reply.data is None
-        assert reply.codes() == ["NOT_IMPLEMENTED"]
+        assert reply.data == {"track": {"accepted": 1, "rejected": 0, "errors": []}}
+
+    forbidden = await app.graphql(mutation, key="preview")
+    assert (forbidden.status, forbidden.codes()) == (403, ["FORBIDDEN"])
 
 
 async def websocket(app: RunningApp, messages: Sequence[Mapping[str, Any]], *, key: str | None) -> list[Any]:
