@@ -32,7 +32,7 @@ _ALLOWED = {
     "placements": {"key", "name", "description", "limit"},
     "segments": {"key", "name", "description", "priority", "rule"},
     "scores": {"key", "name", "description", "events", "half_life"},
-    "flags": {"key", "name", "description", "enabled", "rollout", "salt", "audience", "stickiness"},
+    "flags": {"key", "name", "description", "enabled", "rollout", "salt", "audience", "stickiness", "steps"},
     "experiments": {"key", "name", "description", "goal"},
     "blocks": {
         "key", "type", "locale", "tags", "status", "placements", "schedule",
@@ -228,12 +228,41 @@ def _check_flag(doc: Mapping[str, Any], path: str, known: Known, out: list[Probl
         message = rollout_problem(doc["rollout"])
         if message:
             out.append(Problem(f"{path}.rollout", message))
+    if doc.get("steps") is not None:
+        _check_steps(doc["steps"], f"{path}.steps", out)
     salt = doc.get("salt")
     if salt is not None and not isinstance(salt, str):
         out.append(Problem(f"{path}.salt", f"must be a string, not {describe(salt)}"))
     _check_stickiness(doc, path, out)
     if doc.get("audience") is not None:
         out.extend(validate_rule(doc["audience"], f"{path}.audience", scope=Scope.TARGETING, known=known))
+
+
+def _check_steps(steps: object, path: str, out: list[Problem]) -> None:
+    """A scheduled ramp: [{"at": ISO 8601, "rollout": P}, ...] in strictly increasing time order."""
+    if not isinstance(steps, list):
+        out.append(Problem(path, 'must be a list of {"at": date-time, "rollout": percentage}'))
+        return
+    previous = None
+    for index, step in enumerate(steps):
+        spath = f"{path}[{index}]"
+        if not isinstance(step, Mapping):
+            out.append(Problem(spath, 'a step must be an object {"at": date-time, "rollout": percentage}'))
+            continue
+        for k in step:
+            if k not in ("at", "rollout"):
+                out.append(Problem(f"{spath}.{k}", f"unexpected key '{k}'"))
+        at = parse_instant(step.get("at"))
+        if at is None:
+            out.append(Problem(f"{spath}.at", f"must be an ISO 8601 date-time, not {step.get('at')!r}"))
+        elif previous is not None and at <= previous:
+            out.append(Problem(f"{spath}.at", "steps must be in increasing time order: this one is not after the last"))
+        if at is not None:
+            previous = at if previous is None else max(previous, at)
+        if "rollout" not in step:
+            out.append(Problem(f"{spath}.rollout", "a step needs a rollout"))
+        elif (message := rollout_problem(step["rollout"])) is not None:
+            out.append(Problem(f"{spath}.rollout", message))
 
 
 def rollout_problem(value: object) -> str | None:

@@ -148,18 +148,19 @@ class Evaluation:
             return FlagValue(key, False, DISABLED, "disabled")
         if flag.audience is not None and not flag.audience(self.facts):
             return FlagValue(key, False, DEFAULT, "audience does not match")
-        threshold = rollout_threshold(flag.rollout)
+        rollout = flag.rollout_at(self.viewer.at)
+        threshold = rollout_threshold(rollout)
         if threshold >= 10_000:
             if flag.audience is not None:
                 return FlagValue(key, True, TARGETING_MATCH, "audience matches, rollout 100%")
             return FlagValue(key, True, STATIC, "on for everyone")
         unit = self.viewer.unit(flag.stickiness)
         if unit is None:
-            return FlagValue(key, False, SPLIT, f"no unit for a {flag.rollout:g}% rollout")
+            return FlagValue(key, False, SPLIT, f"no unit for a {rollout:g}% rollout")
         b = bucket(flag.salt, unit)
         if b < threshold:
-            return FlagValue(key, True, SPLIT, f"bucket {b} < {threshold} ({flag.rollout:g}% rollout)")
-        return FlagValue(key, False, SPLIT, f"bucket {b} >= {threshold} ({flag.rollout:g}% rollout)")
+            return FlagValue(key, True, SPLIT, f"bucket {b} < {threshold} ({rollout:g}% rollout)")
+        return FlagValue(key, False, SPLIT, f"bucket {b} >= {threshold} ({rollout:g}% rollout)")
 
     # -- blocks -----------------------------------------------------------------------------------
 

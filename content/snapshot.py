@@ -98,6 +98,16 @@ class Flag:
     salt: str
     audience: Rule | None
     stickiness: str | None
+    steps: tuple[tuple[datetime, float], ...] = ()  # a scheduled ramp: (from, rollout), in time order
+
+    def rollout_at(self, now: datetime) -> float:
+        """The rollout in force at ``now``: the last step whose instant has come, else ``rollout``."""
+        rollout = self.rollout
+        for at, step in self.steps:
+            if at > now:
+                break
+            rollout = step
+        return rollout
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,11 @@ class Snapshot:
                 salt=f.get("salt") or f["key"],
                 audience=compile_rule(f["audience"], score_defs) if f.get("audience") is not None else None,
                 stickiness=f.get("stickiness"),
+                steps=tuple(
+                    (instant, float(step["rollout"]))
+                    for step in f.get("steps") or ()
+                    if (instant := parse_instant(step["at"])) is not None
+                ),
             )
             for f in flags
         }

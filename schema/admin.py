@@ -122,6 +122,7 @@ class Flag:
     salt: str
     audience: JSON | None
     stickiness: str | None
+    steps: JSON | None = strawberry.field(description='A scheduled ramp: [{"at": date-time, "rollout": 25}, ...].')
     document: JSON
 
     @classmethod
@@ -135,6 +136,7 @@ class Flag:
             salt=doc.get("salt") or doc["key"],
             audience=JSON(doc["audience"]) if doc.get("audience") is not None else None,
             stickiness=doc.get("stickiness"),
+            steps=JSON(doc["steps"]) if doc.get("steps") is not None else None,
             document=JSON(doc),
         )
 
@@ -301,6 +303,7 @@ class FlagInput:
     salt: str | None = strawberry.UNSET
     audience: JSON | None = strawberry.UNSET
     stickiness: str | None = strawberry.UNSET
+    steps: JSON | None = strawberry.UNSET
 
 
 @strawberry.input
@@ -312,6 +315,7 @@ class FlagPatch:
     salt: str | None = strawberry.UNSET
     audience: JSON | None = strawberry.UNSET
     stickiness: str | None = strawberry.UNSET
+    steps: JSON | None = strawberry.UNSET
 
 
 @strawberry.input
