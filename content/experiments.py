@@ -5,8 +5,11 @@ check (chi-square against the configured weights). Pure arithmetic on counts."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from content.rules import properties_matcher
 
 Z_95 = 1.959963984540054  # the 97.5th percentile of the standard normal distribution
 SRM_THRESHOLD = 0.001
@@ -139,3 +142,21 @@ def _gamma_q(a: float, x: float) -> float:
         if abs(delta - 1) < 1e-15:
             break
     return math.exp(log_prefix) * h
+
+
+def goals(goal: Any) -> tuple[Mapping[str, Any], ...]:
+    """An experiment's goal conditions: one event condition or a list of them (bundle.md)."""
+    if goal is None:
+        return ()
+    return tuple(goal) if isinstance(goal, list) else (goal,)
+
+
+def goal_matcher(goal: Any) -> Callable[[str, Mapping[str, Any]], bool]:
+    """Whether an event (type, properties) reaches the goal: it matches any goal condition's type and
+    ``where``. (A conversion is such an event after the viewer's first exposure.)"""
+    tests = [(g["event"], properties_matcher(g.get("where"))) for g in goals(goal)]
+
+    def reaches(type_: str, properties: Mapping[str, Any]) -> bool:
+        return any(type_ == t and (match is None or match(properties)) for t, match in tests)
+
+    return reaches

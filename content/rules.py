@@ -570,6 +570,11 @@ def _compile_score(node: Mapping[str, Any], score: ScoreDef) -> Rule:
     return rule
 
 
+def properties_matcher(where: Mapping[str, Any] | None) -> Callable[[Mapping[str, Any]], bool] | None:
+    """The test of an event's properties against a (valid) ``where``; None when there is nothing to test."""
+    return _where(where)
+
+
 def _where(where: Mapping[str, Any] | None) -> Callable[[Mapping[str, Any]], bool] | None:
     if not where:
         return None

@@ -22,6 +22,7 @@ from schema.ports import (
     BlockState,
     BlockVersionState,
     ConflictError,
+    ExperimentReport,
     ImportReport,
     NotFoundError,
 )
@@ -207,6 +208,60 @@ class Block:
             latest_version=state.latest_version,
             published_at=state.published_at,
             updated_at=state.updated_at,
+        )
+
+
+@strawberry.type(description="One arm's results against the first arm (the control).")
+class ArmResult:
+    arm: str
+    weight: int
+    exposed: int = strawberry.field(description="Viewers who were shown this arm (first exposure).")
+    converted: int = strawberry.field(description="Exposed viewers with a goal event after their first exposure.")
+    conversion_rate: float | None
+    uplift: float | None = strawberry.field(description="(rate - control rate) / control rate.")
+    difference: float | None = strawberry.field(description="rate - control rate.")
+    p_value: float | None = strawberry.field(description="Two-sided two-proportion z-test against the control.")
+    ci_low: float | None = strawberry.field(description="95% confidence interval of the difference.")
+    ci_high: float | None
+
+
+@strawberry.type
+class ExperimentResults:
+    key: str
+    goal: JSON
+    exposed: int
+    arms: list[ArmResult]
+    srm_chi_square: float | None
+    srm_p_value: float | None
+    sample_ratio_mismatch: bool = strawberry.field(
+        description="The exposures do not follow the configured weights (chi-square p < 0.001)."
+    )
+
+    @classmethod
+    def from_report(cls, report: ExperimentReport) -> ExperimentResults:
+        analysis = report.analysis
+        return cls(
+            key=report.key,
+            goal=JSON(list(report.goal)),
+            exposed=analysis.exposed,
+            arms=[
+                ArmResult(
+                    arm=a.key,
+                    weight=a.weight,
+                    exposed=a.exposed,
+                    converted=a.converted,
+                    conversion_rate=a.rate,
+                    uplift=a.uplift,
+                    difference=a.difference,
+                    p_value=a.p_value,
+                    ci_low=a.ci_low,
+                    ci_high=a.ci_high,
+                )
+                for a in analysis.arms
+            ],
+            srm_chi_square=analysis.srm_chi_square,
+            srm_p_value=analysis.srm_p_value,
+            sample_ratio_mismatch=analysis.sample_ratio_mismatch,
         )
 
 
@@ -494,6 +549,11 @@ class BlockQueries:
     @strawberry.field(description="The whole configuration as a bundle (spec/bundle.md), without data.")
     async def export_bundle(self, info: Info) -> JSON:
         return JSON(await _admin(info).export_bundle())
+
+    @strawberry.field(description="Exposures, conversions and statistics per arm; null for an unknown experiment.")
+    async def experiment_results(self, info: Info, key: str) -> ExperimentResults | None:
+        report = await _admin(info).experiment_results(key)
+        return ExperimentResults.from_report(report) if report else None
 
     @strawberry.field
     async def locales(self, info: Info) -> JSON:

@@ -3,7 +3,7 @@ request's own hints about the viewer, and the ports resolvers use."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
-from content.decide import Evaluation
+from content.decide import Evaluation, Resolved
 from content.errors import InvalidViewer
 from content.snapshot import Snapshot
 from content.viewer import make_viewer
 from schema.errors import user_error
-from schema.ports import AdminService, HistorySource, Ingest, Principal, ProfileSource, RequestContext
+from schema.ports import AdminService, ExposureSink, HistorySource, Ingest, Principal, ProfileSource, RequestContext
 from schema.types import ViewerInput
 
 
@@ -33,6 +33,7 @@ class Context:
     history: HistorySource
     admin: AdminService | None = None
     ingest: Ingest | None = None
+    exposures: ExposureSink | None = None
     _evaluations: dict[tuple[Any, ...], Evaluation] = field(default_factory=dict)
 
     async def evaluation(self, viewer: ViewerInput | None, path: str = "viewer") -> Evaluation:
@@ -74,6 +75,12 @@ class Context:
         evaluation = Evaluation(self.snapshot, normalised, traits=traits, history=history, consent=consent)
         self._evaluations[identity] = evaluation
         return evaluation
+
+
+    async def expose(self, evaluation: Evaluation, delivered: Iterable[Resolved]) -> None:
+        """Record the experiment arms handed to this viewer (one exposure per viewer per experiment)."""
+        if self.exposures is not None and not self.principal.preview:
+            await self.exposures.record(evaluation.viewer, delivered)
 
 
 def _freeze(value: Any) -> Any:

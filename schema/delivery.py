@@ -85,6 +85,7 @@ class Query:
         resolved = evaluation.placement(key, limit=limit, preview=info.context.principal.preview)
         if resolved is None:
             return None
+        await info.context.expose(evaluation, resolved)
         return Placement(key=key, blocks=[Block.from_domain(r) for r in resolved])
 
     @strawberry.field(
@@ -93,7 +94,10 @@ class Query:
     async def block(self, info: Info, key: str, viewer: ViewerInput | None = None) -> Block | None:
         evaluation = await info.context.evaluation(viewer)
         resolved = evaluation.block(key, preview=info.context.principal.preview)
-        return Block.from_domain(resolved) if resolved else None
+        if resolved is None:
+            return None
+        await info.context.expose(evaluation, [resolved])
+        return Block.from_domain(resolved)
 
     @strawberry.field(permission_classes=[CanRead])
     async def blocks(
@@ -119,6 +123,7 @@ class Query:
             after=after_key,
             preview=info.context.principal.preview,
         )
+        await info.context.expose(evaluation, page.items)
         edges = [BlockEdge(cursor=encode_cursor(r.block.key), node=Block.from_domain(r)) for r in page.items]
         return BlockConnection(
             edges=edges,

@@ -21,7 +21,16 @@ from strawberry.types import ExecutionResult
 
 from schema.context import Context
 from schema.errors import FORBIDDEN, UNAUTHENTICATED
-from schema.ports import AdminService, HistorySource, Inference, Ingest, Principal, ProfileSource, SnapshotSource
+from schema.ports import (
+    AdminService,
+    ExposureSink,
+    HistorySource,
+    Inference,
+    Ingest,
+    Principal,
+    ProfileSource,
+    SnapshotSource,
+)
 
 _STATUS_CODES = {401: UNAUTHENTICATED, 403: FORBIDDEN}
 
@@ -57,6 +66,7 @@ class TesseraGraphQL(GraphQL[Context, None]):
         clock: Callable[[], datetime],
         admin: AdminService | None = None,
         ingest: Ingest | None = None,
+        exposures: ExposureSink | None = None,
         graphiql: bool = True,
         max_body_bytes: int = 1_000_000,
     ) -> None:
@@ -70,6 +80,7 @@ class TesseraGraphQL(GraphQL[Context, None]):
         self._clock = clock
         self._admin = admin
         self._ingest = ingest
+        self._exposures = exposures
         self._max_body_bytes = max_body_bytes
 
     def encode_json(self, data: object) -> bytes:
@@ -135,6 +146,7 @@ class TesseraGraphQL(GraphQL[Context, None]):
             history=self._history,
             admin=self._admin,
             ingest=self._ingest,
+            exposures=self._exposures,
         )
 
     async def _principal(self, request: Request | WebSocket) -> Principal:

@@ -3,15 +3,18 @@ knows about SQL, Redis or HTTP."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 from content.behaviour import History
+from content.decide import Resolved
 from content.errors import Problem
+from content.experiments import Analysis
 from content.snapshot import Snapshot
+from content.viewer import Viewer
 
 
 class Bus(Protocol):
@@ -55,6 +58,19 @@ class ProfileSource(Protocol):
 
 class HistorySource(Protocol):
     async def history(self, *, user_id: str | None, anonymous_id: str | None, now: datetime) -> History: ...
+
+
+class ExposureSink(Protocol):
+    async def record(self, viewer: Viewer, delivered: Iterable[Resolved]) -> None:
+        """Record the experiment arms among ``delivered`` as exposures of ``viewer``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExperimentReport:
+    key: str
+    goal: tuple[Mapping[str, Any], ...]
+    analysis: Analysis
 
 
 class TrackReport(Protocol):
@@ -156,6 +172,10 @@ class AdminService(Protocol):
 
     async def set_locales(self, locales: Any) -> Mapping[str, Any]: ...
 
+    async def experiment_results(self, key: str) -> ExperimentReport | None:
+        """Exposures, conversions and statistics per arm; None for an unknown experiment."""
+        ...
+
     async def delete_viewer_data(self, *, user_id: str | None, anonymous_id: str | None) -> Mapping[str, int]:
         """Remove a viewer's profile, events, identities, state, memberships and cached copies."""
         ...
@@ -183,6 +203,8 @@ __all__ = [
     "BlockVersionState",
     "Bus",
     "ConflictError",
+    "ExperimentReport",
+    "ExposureSink",
     "HistorySource",
     "ImportReport",
     "Inference",

@@ -26,9 +26,11 @@ from schema.ports import (
     BlockState,
     BlockVersionState,
     ConflictError,
+    ExperimentReport,
     ImportReport,
     NotFoundError,
 )
+from server.experiments import ExperimentResults
 from server.ingest import Ingestor
 from server.settings import Clock
 from server.store import (
@@ -166,6 +168,7 @@ class Admin:
         announce: Callable[[int], Awaitable[None]],
         profiles_changed: Callable[[list[str]], Awaitable[None]] | None = None,
         ingest: Ingestor | None = None,
+        experiments: ExperimentResults | None = None,
     ) -> None:
         """``announce(version)`` runs after a change commits: the server refreshes its own snapshot
         and tells the other instances on the bus. ``profiles_changed(user_ids)`` runs after profiles
@@ -175,6 +178,7 @@ class Admin:
         self._announce = announce
         self._profiles_changed = profiles_changed
         self._ingest = ingest
+        self._experiments = experiments
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -487,6 +491,11 @@ class Admin:
             raise RuntimeError("the admin service was built without an ingestor")
         report = await self._ingest.track(valid, strict=True)
         return report.stored, rejected + report.rejected
+
+    async def experiment_results(self, key: str) -> ExperimentReport | None:
+        if self._experiments is None:
+            raise RuntimeError("the admin service was built without experiment results")
+        return await self._experiments.report(key)
 
     async def delete_viewer_data(self, *, user_id: str | None, anonymous_id: str | None) -> Mapping[str, int]:
         """Remove a viewer everywhere: profile, events, identities, state, memberships, caches."""

@@ -26,6 +26,7 @@ from server.admin import Admin
 from server.bus import InProcessBus, RedisBus
 from server.db import create_engine, session_factory
 from server.events import LocalEventStore, RedisEventStore
+from server.experiments import ExperimentResults, ExposureRecorder
 from server.hooks import profile_invalidation_hook
 from server.ingest import Ingestor
 from server.keys import KeyResolver
@@ -71,6 +72,7 @@ class Services:
     ingest: Ingestor
     evaluator: Evaluator
     stream_worker: StreamWorker | None
+    exposures: ExposureRecorder
 
 
 def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
@@ -152,7 +154,15 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
         snapshots=snapshots,
         profiles=profiles,
         keys=KeyResolver(sessions, ttl=settings.key_cache_ttl_seconds),
-        admin=Admin(sessions, clock=clock, announce=announce, profiles_changed=profiles_changed, ingest=ingest),
+        admin=Admin(
+            sessions,
+            clock=clock,
+            announce=announce,
+            profiles_changed=profiles_changed,
+            ingest=ingest,
+            experiments=ExperimentResults(sessions, snapshots),
+        ),
+        exposures=ExposureRecorder(events, clock),
         events=events,
         ingest=ingest,
         evaluator=evaluator,
@@ -190,6 +200,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
         delivery_schema.schema,
         scopes=frozenset({"delivery", "preview", "ingest"}),
         ingest=services.ingest,
+        exposures=services.exposures,
         **common,  # type: ignore[arg-type]
     )
     admin = TesseraGraphQL(

@@ -481,6 +481,36 @@ class EventRepository(_Repository):
         )
         return [_event_document(row) for row in result]
 
+    async def of_types(
+        self,
+        types: Sequence[str],
+        *,
+        user_ids: Sequence[str] | None = None,
+        anonymous_ids: Sequence[str] | None = None,
+    ) -> builtins.list[dict[str, Any]]:
+        """Events of the given types, optionally only of the given viewers; oldest first."""
+        if not types:
+            return []
+        statement = sa.select(
+            _events.c.id,
+            _events.c.type,
+            _events.c.user_id,
+            _events.c.anonymous_id,
+            _events.c.at,
+            _events.c.properties,
+        ).where(_events.c.type.in_(list(types)))
+        if user_ids is not None or anonymous_ids is not None:
+            viewers: builtins.list[sa.ColumnElement[bool]] = []
+            if user_ids:
+                viewers.append(_events.c.user_id.in_(list(user_ids)))
+            if anonymous_ids:
+                viewers.append(_events.c.anonymous_id.in_(list(anonymous_ids)))
+            if not viewers:
+                return []
+            statement = statement.where(sa.or_(*viewers))
+        result = await self._session.execute(statement.order_by(_events.c.at, _events.c.id))
+        return [_event_document(row) for row in result]
+
     async def delete_for(self, *, user_id: str | None, anonymous_ids: Sequence[str]) -> int:
         """Delete a viewer's events (by user id and any of its anonymous ids); returns how many."""
         conditions: builtins.list[sa.ColumnElement[bool]] = (
