@@ -98,3 +98,46 @@ def test_a_bad_ramp_is_rejected_at_its_path(steps: Any, paths: list[str]) -> Non
 
 def test_a_ramp_in_order_is_valid() -> None:
     assert paths_of(flags=[RAMP]) == []
+
+
+UNITS_100K = [f"user-{i}" for i in range(100_000)]
+
+
+@pytest.mark.parametrize("rollout", [1, 5, 25.5, 50, 75.25, 99.99])
+def test_over_100000_units_a_rollout_lands_within_half_a_point_and_follows_the_formula(rollout: float) -> None:
+    # Given a flag at `rollout` percent and 100,000 units
+    snap = snapshot(flags=[{"key": "f-ramp", "enabled": True, "rollout": rollout, "salt": "s-1"}])
+    threshold = round(rollout * 100)
+
+    # When each unit is evaluated
+    inside = [u for u in UNITS_100K if evaluation(snap, viewer(user_id=u)).flag("f-ramp").enabled]
+
+    # Then every unit is in exactly when the formula says, and the share is within +-0.5 points
+    assert set(inside) == {u for u in UNITS_100K if independent_bucket("s-1", u) < threshold}
+    assert abs(len(inside) / len(UNITS_100K) * 100 - rollout) <= 0.5
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [1, 2, 3], [10, 90], [33, 33, 34]])
+def test_over_100000_units_an_arm_split_lands_within_half_a_point_and_follows_the_formula(weights: list[int]) -> None:
+    # Given an experiment with these weights
+    arms = [{"key": f"arm-{i}", "weight": w, "fields": {}} for i, w in enumerate(weights)]
+    block = {"key": "b", "type": "hero", "status": "published", "fields": {},
+             "variants": [{"key": "x", "experiment": "exp-1", "arms": arms}]}  # fmt: skip
+    snap = snapshot(blocks=[block])
+    total = sum(weights)
+    thresholds = [10_000 * sum(weights[: i + 1]) // total for i in range(len(weights))]
+
+    # When each unit gets its arm
+    chosen = {}
+    for unit in UNITS_100K:
+        resolved = evaluation(snap, viewer(user_id=unit)).block("b")
+        assert resolved is not None
+        chosen[unit] = resolved.decision.variant
+
+    # Then the arm is the first with bucket < floor(10000 * cumulative / total), computed independently
+    for unit, arm in chosen.items():
+        b = independent_bucket("exp-1", unit)
+        assert arm == f"arm-{next(i for i, limit in enumerate(thresholds) if b < limit)}"
+    for i, weight in enumerate(weights):
+        share = sum(1 for arm in chosen.values() if arm == f"arm-{i}") / len(UNITS_100K) * 100
+        assert abs(share - weight / total * 100) <= 0.5
