@@ -95,6 +95,14 @@ _profiles = _table(models.Profile)
 _events = _table(models.Event)
 _api_keys = _table(models.ApiKey)
 _identities = _table(models.Identity)
+_EVENT_COLUMNS = (
+    _events.c.id,
+    _events.c.type,
+    _events.c.user_id,
+    _events.c.anonymous_id,
+    _events.c.at,
+    _events.c.properties,
+)
 _config_tables: Final = {kind: models.Base.metadata.tables[kind] for kind in CONFIG_KINDS}
 
 _SPACE_ID: Final = 1
@@ -450,15 +458,7 @@ class EventRepository(_Repository):
     async def received_since(self, since: datetime, limit: int = 10_000) -> builtins.list[dict[str, Any]]:
         """Events that arrived at or after `since`, by arrival (to follow writes of other processes)."""
         result = await self._session.execute(
-            sa.select(
-                _events.c.id,
-                _events.c.type,
-                _events.c.user_id,
-                _events.c.anonymous_id,
-                _events.c.at,
-                _events.c.properties,
-                _events.c.received_at,
-            )
+            sa.select(*_EVENT_COLUMNS, _events.c.received_at)
             .where(_events.c.received_at >= since)
             .order_by(_events.c.received_at, _events.c.id)
             .limit(limit)
@@ -468,14 +468,7 @@ class EventRepository(_Repository):
     async def since(self, since: datetime) -> builtins.list[dict[str, Any]]:
         """Every event that happened after `since` (to rebuild behavioural state), oldest first."""
         result = await self._session.execute(
-            sa.select(
-                _events.c.id,
-                _events.c.type,
-                _events.c.user_id,
-                _events.c.anonymous_id,
-                _events.c.at,
-                _events.c.properties,
-            )
+            sa.select(*_EVENT_COLUMNS)
             .where(_events.c.at > since)
             .order_by(_events.c.at, _events.c.id)
         )
@@ -491,14 +484,7 @@ class EventRepository(_Repository):
         """Events of the given types, optionally only of the given viewers; oldest first."""
         if not types:
             return []
-        statement = sa.select(
-            _events.c.id,
-            _events.c.type,
-            _events.c.user_id,
-            _events.c.anonymous_id,
-            _events.c.at,
-            _events.c.properties,
-        ).where(_events.c.type.in_(list(types)))
+        statement = sa.select(*_EVENT_COLUMNS).where(_events.c.type.in_(list(types)))
         if user_ids is not None or anonymous_ids is not None:
             viewers: builtins.list[sa.ColumnElement[bool]] = []
             if user_ids:
@@ -533,14 +519,7 @@ class EventRepository(_Repository):
         if not viewer:
             return []
         result = await self._session.execute(
-            sa.select(
-                _events.c.id,
-                _events.c.type,
-                _events.c.user_id,
-                _events.c.anonymous_id,
-                _events.c.at,
-                _events.c.properties,
-            )
+            sa.select(*_EVENT_COLUMNS)
             .where(sa.or_(*viewer), _events.c.at > since)
             .order_by(_events.c.at, _events.c.received_at, _events.c.id)
         )
