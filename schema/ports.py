@@ -53,7 +53,10 @@ class Profile:
 
 
 class ProfileSource(Protocol):
-    async def get(self, user_id: str) -> Profile | None: ...
+    async def get(self, user_id: str, *, wait: bool = False) -> Profile | None:
+        """The viewer's profile. The request path waits at most its latency budget (then: stale, or
+        None); ``wait=True`` (off the request path) waits for the source."""
+        ...
 
 
 class HistorySource(Protocol):
