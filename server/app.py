@@ -34,6 +34,7 @@ from server.profiles import PROFILES_CHANNEL, ProfileStore
 from server.requests import RequestInference
 from server.settings import Clock, Settings, system_clock
 from server.snapshots import CONTENT_CHANNEL, SnapshotHolder
+from server.tracking import tracking_routes
 from server.worker import (
     Evaluator,
     LocalMemberships,
@@ -103,7 +104,7 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
             log.warning("could not announce %d changed profiles", len(user_ids), exc_info=True)
 
     async def consents(user_id: str) -> bool:
-        profile = await profiles.get(user_id)
+        profile = await profiles.get(user_id, wait=True)  # off the request path: know, do not guess
         return profile is None or profile.consent
 
     events: RedisEventStore | LocalEventStore
@@ -272,6 +273,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
             WebSocketRoute("/graphql", delivery),
             Route("/admin/graphql", admin),
             profile_invalidation_hook(KeyAuthenticator(services.keys), services.profiles, services.bus),
+            *tracking_routes(KeyAuthenticator(services.keys), services.ingest, clock=clock),
         ],
         lifespan=lifespan,
     )

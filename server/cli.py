@@ -60,6 +60,8 @@ class _Tools:
 
         async def profiles_changed(user_ids: list[str]) -> None:
             if self.redis is not None:
+                # The shared copies first, so that no instance re-reads a stale one after the message.
+                await self.redis.delete(*(prefix + "profile:" + user_id for user_id in user_ids))
                 message = orjson.dumps({"userIds": user_ids})
                 await self.redis.publish(prefix + "bus:" + PROFILES_CHANNEL, message)
 

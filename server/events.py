@@ -150,7 +150,10 @@ def check_tracked(
         if require_id_and_time:
             problems.append(Problem(f"{path}.at", "an event needs 'at' (an ISO 8601 date-time)"))
     else:
-        at = raw_at.astimezone(UTC) if isinstance(raw_at, datetime) else parse_instant(raw_at)
+        if isinstance(raw_at, datetime):  # a date-time without an offset is UTC, not the host's local time
+            at = raw_at.replace(tzinfo=UTC) if raw_at.tzinfo is None else raw_at.astimezone(UTC)
+        else:
+            at = parse_instant(raw_at)
         if at is None:
             problems.append(Problem(f"{path}.at", f"must be an ISO 8601 date-time, not {raw_at!r}"))
         elif at > now + limits.max_future:
@@ -189,6 +192,10 @@ class EventStore(Protocol):
 
     async def link(self, anonymous_id: str, user_id: str) -> bool:
         """Join an anonymous history to a user's; False when it was joined already."""
+        ...
+
+    async def user_of(self, anonymous_id: str) -> str | None:
+        """The user id an anonymous id was joined to, if any (its events are that user's)."""
         ...
 
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
@@ -318,6 +325,10 @@ class RedisEventStore:
     async def link(self, anonymous_id: str, user_id: str) -> bool:
         return bool(await self._link(args=[self._prefix, anonymous_id, user_id]))
 
+    async def user_of(self, anonymous_id: str) -> str | None:
+        linked = await self._client.get(self._prefix + "alias:" + anonymous_id)
+        return None if linked is None else _text(linked)
+
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
         units = []
         if user_id:
@@ -368,8 +379,11 @@ class LocalEventStore:
             links = await IdentityRepository(session).all()
         for anonymous_id, user_id in links:
             self._aliases[anonymous_id] = user_id
-        self._apply([_from_row(row) for row in rows])
+        applied = self._apply([_from_row(row) for row in rows])
         self._watermark = now
+        # The evaluator's memberships and flip schedule live in this process too: without this, the
+        # flips that were pending when the server stopped (a cart about to be abandoned) never come.
+        await self._notify(applied)
 
     def _unit(self, event: Tracked) -> str:
         if event.user_id:
@@ -408,7 +422,11 @@ class LocalEventStore:
             for event in events:
                 if event.id in new_ids and event.user_id and event.anonymous_id:
                     await IdentityRepository(session, clock=self._clock).link(event.anonymous_id, event.user_id)
-        new = self._apply([e for e in events if e.id in new_ids])
+        first: dict[str, Tracked] = {}  # of events sharing an id, the first one received is kept
+        for event in events:
+            if event.id in new_ids:
+                first.setdefault(event.id, event)
+        new = self._apply(list(first.values()))
         await self._notify(new)
         return new
 
@@ -426,8 +444,10 @@ class LocalEventStore:
             events = self._events.get(unit)
             if not events:
                 return EMPTY_HISTORY
-            cutoff = now - self._retention
-            for event_id in [i for i, e in events.items() if e.at <= cutoff]:  # trimmed as it goes
+            # Trimmed as it goes, by the server's clock: ``now`` is the viewer's ``at``, which may be far
+            # ahead (an email rendered for a later send time) and must not delete events for good.
+            cutoff = self._clock() - self._retention
+            for event_id in [i for i, e in events.items() if e.at <= cutoff]:
                 del events[event_id]
             log_ = EventLog(e.event() for e in events.values())
             self._logs[unit] = log_
@@ -440,10 +460,15 @@ class LocalEventStore:
             self._merge(anonymous_id, user_id)
         return joined
 
+    async def user_of(self, anonymous_id: str) -> str | None:
+        return self._aliases.get(anonymous_id)
+
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
         removed = 0
         for unit in [unit_of(user_id, None)] * bool(user_id) + [unit_of(None, anonymous_id)] * bool(anonymous_id):
-            removed += len(self._events.pop(unit, {}))
+            events = self._events.pop(unit, {})
+            removed += len(events)
+            self._seen.difference_update(events)  # as in Redis: the same ids sent again are new events
             self._logs.pop(unit, None)
         if anonymous_id:
             self._aliases.pop(anonymous_id, None)

@@ -4,7 +4,7 @@ changes on the bus, and schedules every viewer's next time-driven flip (an aband
 15 minutes after the last add-to-cart, a window sliding past an event) for the instant it happens.
 
 Redis layout, under the configured prefix: ``mem:<unit>`` (a set of segment keys: the membership
-last announced) and ``flips`` (a sorted set, unit -> instant in ms of its next possible flip)."""
+last announced) and ``flips`` (a sorted set, unit -> instant in microseconds of its next possible flip)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import heapq
 import logging
 import os
 import socket
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -34,10 +35,13 @@ log = logging.getLogger(__name__)
 
 SEGMENTS_CHANNEL = "segments"
 GROUP = "evaluators"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def _ms(at: datetime) -> int:
-    return int(at.timestamp() * 1000)
+def _us(at: datetime) -> int:
+    """``at`` in whole microseconds since the epoch (exact in a sorted set's double: < 2 ** 53)."""
+    delta = at - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _text(value: Any) -> str:
@@ -156,16 +160,16 @@ class RedisSchedule:
         if at is None:
             await self._client.zrem(self._key, unit)
         else:
-            await self._client.zadd(self._key, {unit: _ms(at)})
+            await self._client.zadd(self._key, {unit: _us(at)})
             self.changed.set()
 
     async def due(self, now: datetime, limit: int = 500) -> list[str]:
-        units = await self._take(keys=[self._key], args=[_ms(now), limit])
+        units = await self._take(keys=[self._key], args=[_us(now), limit])
         return [_text(u) for u in units]
 
     async def next_due(self) -> datetime | None:
         first: Any = await self._client.zrange(self._key, 0, 0, withscores=True)
-        return datetime.fromtimestamp(float(first[0][1]) / 1000, UTC) if first else None
+        return _EPOCH + timedelta(microseconds=int(first[0][1])) if first else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -195,6 +199,8 @@ class Change:
 class Evaluator:
     """Re-evaluates a viewer's segments and announces what changed."""
 
+    JOINS_REMEMBERED = 100_000
+
     def __init__(
         self,
         *,
@@ -213,24 +219,63 @@ class Evaluator:
         self.schedule = schedule
         self._bus = bus
         self._clock = clock
+        # (anonymousId, userId) pairs of events already seen carrying both ids. The first such event
+        # may have joined the anonymous history to the user's, which can move any of their segments,
+        # not only those of its type; later ones cannot. Forgetting a pair costs one full evaluation.
+        self._joins: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def _first_join(self, anonymous_id: str, user_id: str) -> bool:
+        pair = (anonymous_id, user_id)
+        if pair in self._joins:
+            self._joins.move_to_end(pair)
+            return False
+        self._joins[pair] = None
+        if len(self._joins) > self.JOINS_REMEMBERED:
+            self._joins.popitem(last=False)
+        return True
 
     async def on_events(self, events: Sequence[Tracked]) -> list[Change]:
         """Re-evaluate, for each viewer in ``events``, the segments their event types can change."""
-        by_viewer: dict[tuple[str | None, str | None], set[str]] = {}
+        types_of: dict[tuple[str | None, str | None], set[str]] = {}
+        joined: set[str] = set()  # users whose every segment may have moved
         for event in events:
-            by_viewer.setdefault((event.user_id, event.anonymous_id if not event.user_id else None), set()).add(
+            types_of.setdefault((event.user_id, event.anonymous_id if not event.user_id else None), set()).add(
                 event.type
             )
+            if event.user_id and event.anonymous_id:  # it joined the ids: drop what the anonymous id held
+                types_of.setdefault((None, event.anonymous_id), set())
+                if self._first_join(event.anonymous_id, event.user_id):
+                    joined.add(event.user_id)
+        by_viewer: dict[tuple[str | None, str | None], set[str]] = {}
+        for viewer, types in types_of.items():
+            by_viewer.setdefault(await self._owner(*viewer), set()).update(types)
         snapshot = self._snapshots.current
         changes = []
         for (user_id, anonymous_id), types in by_viewer.items():
-            keys: set[str] = set()
-            for type_ in types:
-                keys.update(snapshot.segments_by_event_type.get(type_, ()))
+            if not types:
+                continue
+            keys: set[str] | None = None
+            if user_id not in joined:
+                keys = set()
+                for type_ in types:
+                    keys.update(snapshot.segments_by_event_type.get(type_, ()))
             change = await self.evaluate(user_id, anonymous_id, keys)
             if change is not None:
                 changes.append(change)
         return changes
+
+    async def _owner(self, user_id: str | None, anonymous_id: str | None) -> tuple[str | None, str | None]:
+        """The viewer whose state an event or a flip concerns: an anonymous id joined to a user is that
+        user (the store files its events under the user). Memberships and a flip still kept under the
+        anonymous id are dropped, or they would be announced again under it."""
+        if user_id or not anonymous_id:
+            return user_id, anonymous_id
+        linked = await self._events.user_of(anonymous_id)
+        if linked is None:
+            return None, anonymous_id
+        await self._memberships.forget(unit_of(None, anonymous_id))
+        await self.schedule.set(unit_of(None, anonymous_id), None)
+        return linked, None
 
     async def on_identity(self, user_id: str | None, anonymous_id: str | None) -> None:
         """A viewer's traits or identity changed: every segment may have moved."""
@@ -256,7 +301,7 @@ class Evaluator:
         traits: Mapping[str, Any] | None = None
         consent = True
         if user_id:
-            profile = await self._profiles.get(user_id)
+            profile = await self._profiles.get(user_id, wait=True)  # no budget here: judge with the traits
             if profile is not None:
                 traits, consent = profile.traits, profile.consent
         history = await self._events.history(user_id=user_id, anonymous_id=anonymous_id, now=now)
@@ -283,7 +328,7 @@ class Evaluator:
         keys = self._snapshots.current.timed_segments
         while units := await self.schedule.due(self._clock()):
             for unit in units:
-                user_id, anonymous_id = ids_of_unit(unit)
+                user_id, anonymous_id = await self._owner(*ids_of_unit(unit))
                 change = await self.evaluate(user_id, anonymous_id, keys)
                 if change is not None:
                     changes.append(change)
@@ -336,6 +381,7 @@ class StreamWorker:
     ) -> None:
         self._client = client
         self.stream = prefix + "events"
+        self._seen = prefix + "seen:"
         self._evaluator = evaluator
         self._sessions = sessions
         self._clock = clock
@@ -370,17 +416,27 @@ class StreamWorker:
     async def _process(self, entries: Sequence[tuple[Any, Mapping[Any, Any]]]) -> int:
         if not entries:
             return 0
-        events = [Tracked.from_json(fields[b"e"]) for _, fields in entries]
-        # The database is the system of record: events and identities go there before the ack.
-        async with self._sessions() as session, session.begin():
-            await EventRepository(session, clock=self._clock).insert_many([e.document() for e in events])
-            identities = IdentityRepository(session, clock=self._clock)
-            for event in events:
-                if event.user_id and event.anonymous_id:
-                    await identities.link(event.anonymous_id, event.user_id)
-        await self._evaluator.on_events(events)
+        events = await self._not_deleted([Tracked.from_json(fields[b"e"]) for _, fields in entries])
+        if events:
+            # The database is the system of record: events and identities go there before the ack.
+            async with self._sessions() as session, session.begin():
+                await EventRepository(session, clock=self._clock).insert_many([e.document() for e in events])
+                identities = IdentityRepository(session, clock=self._clock)
+                for event in events:
+                    if event.user_id and event.anonymous_id:
+                        await identities.link(event.anonymous_id, event.user_id)
+            await self._evaluator.on_events(events)
         await self._client.xack(self.stream, GROUP, *(entry_id for entry_id, _ in entries))
         return len(entries)
+
+    async def _not_deleted(self, events: list[Tracked]) -> list[Tracked]:
+        """Leave out the events whose viewer was deleted while they waited in the stream: deletion
+        removes their "seen" marks (server/events.py), and storing them now would bring them back."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.exists(self._seen + event.id)
+            marks = await pipe.execute()
+        return [event for event, mark in zip(events, marks, strict=True) if mark]
 
     async def run(self) -> None:
         await self.ensure_group()
