@@ -83,6 +83,16 @@ class RunningApp:
         return await self.graphql(query, variables, key="admin", path="/admin/graphql")
 
 
+def by_key(bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """A bundle's configuration entity by entity: lists as dicts by key, blocks by (key, locale)."""
+    view: dict[str, Any] = {"locales": bundle.get("locales")}
+    for kind in ("placements", "segments", "scores", "flags", "experiments"):
+        view[kind] = {doc["key"]: doc for doc in bundle.get(kind) or ()}
+    default = (bundle.get("locales") or {}).get("default", "en-US")
+    view["blocks"] = {(doc["key"], doc.get("locale", default)): doc for doc in bundle.get("blocks") or ()}
+    return view
+
+
 @asynccontextmanager
 async def running_app(
     database_url: str, *, redis_url: str | None = None, redis_prefix: str = "tessera:", clock: FakeClock | None = None

@@ -8,7 +8,7 @@ import json
 import os
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from fixtures_app import running_app
+from fixtures_app import by_key, running_app
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server import models
@@ -91,16 +91,6 @@ async def row_counts(url: str) -> dict[str, int]:
             result = await session.execute(sa.select(sa.func.count()).select_from(table))
             counts[table.name] = result.scalar_one()
         return counts
-
-
-def by_key(bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """A bundle's configuration entity by entity: lists as dicts by key, blocks by (key, locale)."""
-    view: dict[str, Any] = {"locales": bundle.get("locales")}
-    for kind in ("placements", "segments", "scores", "flags", "experiments"):
-        view[kind] = {doc["key"]: doc for doc in bundle.get(kind) or ()}
-    default = (bundle.get("locales") or {}).get("default", "en-US")
-    view["blocks"] = {(doc["key"], doc.get("locale", default)): doc for doc in bundle.get("blocks") or ()}
-    return view
 
 
 def demo_bundle() -> dict[str, Any]:

@@ -10,11 +10,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
+from fixtures_app import by_key
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.admin import Admin
@@ -41,16 +40,6 @@ def workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=300,
     )
     return out
-
-
-def by_key(bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """A bundle's configuration entity by entity: lists as dicts by key, blocks by (key, locale)."""
-    view: dict[str, Any] = {"locales": bundle.get("locales")}
-    for kind in ("placements", "segments", "scores", "flags", "experiments"):
-        view[kind] = {doc["key"]: doc for doc in bundle.get(kind) or ()}
-    default = (bundle.get("locales") or {}).get("default", "en-US")
-    view["blocks"] = {(doc["key"], doc.get("locale", default)): doc for doc in bundle.get("blocks") or ()}
-    return view
 
 
 class Announcements:
