@@ -438,12 +438,32 @@ class StreamWorker:
             marks = await pipe.execute()
         return [event for event, mark in zip(events, marks, strict=True) if mark]
 
-    async def run(self) -> None:
+    async def trim(self) -> int:
+        """Drop stream entries every consumer has acknowledged (they are in the database now): the
+        stream is a buffer, not an archive. Keeps everything from the oldest pending entry on."""
+        groups: Any = await self._client.xinfo_groups(self.stream)
+        group = next((g for g in groups if _text(g["name"]) == GROUP), None)
+        if group is None:
+            return 0
+        keep_from = _text(group["last-delivered-id"])
+        if int(group["pending"]) > 0:
+            pending: Any = await self._client.xpending(self.stream, GROUP)
+            keep_from = _text(pending["min"])
+        if keep_from in ("0-0", "0"):
+            return 0
+        # MINID keeps entries with an id >= keep_from; the last delivered entry is kept (harmless).
+        return int(await self._client.xtrim(self.stream, minid=keep_from, approximate=False))
+
+    async def run(self, *, trim_every: int = 100) -> None:
         await self.ensure_group()
+        rounds = 0
         while True:
             try:
                 await self.claim()
                 await self.step()
+                rounds += 1
+                if rounds % trim_every == 0:
+                    await self.trim()
             except asyncio.CancelledError:
                 raise
             except Exception:  # Redis or the database is away: the events stay pending, try again

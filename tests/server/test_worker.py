@@ -728,3 +728,30 @@ async def test_the_embedded_server_restarting_loses_nothing(backend: Backend) ->
             change("u:u-1", T0 + timedelta(minutes=15), entered=["cart-abandoner"]),
         ]
         assert await after.segments(userId="u-1") == ["cart-abandoner", "purchaser"]
+
+
+@pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
+async def test_trimming_drops_acknowledged_entries_and_keeps_pending_ones(live: Live) -> None:
+    # Given six events: three processed and acknowledged, then three read by a worker that died
+    client = live.services.redis
+    assert client is not None
+    assert live.worker is not None
+    await live.track(*three_shoe_views("u-1"))
+    assert await live.process() == 3
+    await live.track(*three_shoe_views("u-2"))
+    read: Any = await client.xreadgroup(GROUP, "dead", {live.worker.stream: ">"}, count=100)
+    assert len(read[0][1]) == 3
+    assert await client.xlen(live.worker.stream) == 6
+
+    # When the stream is trimmed
+    removed = await live.worker.trim()
+
+    # Then the acknowledged entries are gone and the pending ones are kept, still claimable
+    assert removed == 3
+    assert await client.xlen(live.worker.stream) == 3
+    assert await other_worker(live, "rescuer").claim() == 3
+    assert sorted(await live.stored(user_id="u-2")) == ["u-2-view-0", "u-2-view-1", "u-2-view-2"]
+
+    # And once everything is acknowledged, a trim keeps at most the last delivered entry
+    await live.worker.trim()
+    assert await client.xlen(live.worker.stream) <= 1
