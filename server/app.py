@@ -121,7 +121,13 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
             LocalSchedule(),
         )
     ingest = Ingestor(
-        events, sessions, limits=settings.limits, clock=clock, consents=consents, profiles_changed=profiles_changed
+        events,
+        sessions,
+        limits=settings.limits,
+        clock=clock,
+        consents=consents,
+        profiles_changed=profiles_changed,
+        prefetch=profiles.prefetch,
     )
     evaluator = Evaluator(
         snapshots=snapshots,

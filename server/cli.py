@@ -67,12 +67,13 @@ class _Tools:
 
         from server.events import LocalEventStore, RedisEventStore
         from server.ingest import Ingestor
-        from server.store import ProfileRepository
+        from server.profiles import DatabaseSource, ProfileStore
+
+        profiles = ProfileStore(DatabaseSource(self.sessions), budget=None)
 
         async def consents(user_id: str) -> bool:
-            async with self.sessions() as session:
-                profile = await ProfileRepository(session).get(user_id)
-            return profile is None or (profile[1] or {}).get("personalization") is not False
+            profile = await profiles.get(user_id, wait=True)
+            return profile is None or profile.consent
 
         events: LocalEventStore | RedisEventStore
         if self.redis is not None:
@@ -86,6 +87,7 @@ class _Tools:
             clock=system_clock,
             consents=consents,
             profiles_changed=profiles_changed,
+            prefetch=profiles.prefetch,
         )
         self.admin = Admin(
             self.sessions,

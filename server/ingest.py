@@ -54,13 +54,17 @@ class Ingestor:
         clock: Clock,
         consents: Callable[[str], Awaitable[bool]],
         profiles_changed: Callable[[list[str]], Awaitable[None]] | None = None,
+        prefetch: Callable[[set[str]], Awaitable[None]] | None = None,
     ) -> None:
+        """``consents(user_id)`` answers whether a user consents to personalisation;
+        ``prefetch(user_ids)``, when given, warms what it reads for a whole batch at once."""
         self._store = store
         self._sessions = sessions
         self.limits = limits
         self._clock = clock
         self._consents = consents
         self._profiles_changed = profiles_changed
+        self._prefetch = prefetch
         self.identity_listeners: list[Listener] = []  # the evaluator: a viewer's traits or identity changed
         self.forget_listeners: list[Listener] = []
 
@@ -76,6 +80,9 @@ class Ingestor:
             else:
                 valid.append(checked)
         result.accepted = len(valid)
+        users = {e.user_id for e in valid if e.user_id}
+        if users and self._prefetch is not None:
+            await self._prefetch(users)
         consenting = []
         verdicts: dict[str, bool] = {}
         for event in valid:

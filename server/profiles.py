@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -85,13 +85,20 @@ class DatabaseSource:
     async def get(self, user_id: str) -> Profile | None:
         async with self._sessions() as session:
             row = await ProfileRepository(session).get(user_id)
-        if row is None:
-            return None
-        traits, consent = row
-        return Profile(traits=traits, consent=not (consent is not None and consent.get("personalization") is False))
+        return None if row is None else _profile(*row)
+
+    async def get_many(self, user_ids: Sequence[str]) -> dict[str, Profile]:
+        """The profiles of these users that exist, in one query per 1,000 ids."""
+        async with self._sessions() as session:
+            rows = await ProfileRepository(session).get_many(user_ids)
+        return {user_id: _profile(*row) for user_id, row in rows.items()}
 
     async def aclose(self) -> None:
         return None
+
+
+def _profile(traits: dict[str, Any], consent: dict[str, Any] | None) -> Profile:
+    return Profile(traits=traits, consent=not (consent is not None and consent.get("personalization") is False))
 
 
 class HttpSource:
@@ -403,6 +410,36 @@ class ProfileStore:
         keys = [self._prefix + user_id for user_id in user_ids]
         for start in range(0, len(keys), _DELETE_BATCH):
             await self._redis.unlink(*keys[start : start + _DELETE_BATCH])
+
+    async def prefetch(self, user_ids: Iterable[str]) -> None:
+        """Load the profiles not cached here in one call to the source, when it can (the built-in
+        store can): ingestion asks for the consent of every user of a batch. Off the request path;
+        a failure leaves the per-profile reads to do their usual work."""
+        get_many = getattr(self._source, "get_many", None)
+        if get_many is None:
+            return
+        now = self._clock()
+        missing = []
+        for user_id in dict.fromkeys(user_ids):
+            entry = self._entries.get(user_id)
+            if (entry is None or now >= entry.fresh_until) and user_id not in self._loading:
+                missing.append(user_id)
+        if not missing or not self._breaker.allow():
+            return
+        self._stats.upstream_calls += 1
+        try:
+            async with asyncio.timeout(self._timeout):
+                found: dict[str, Profile] = await get_many(missing)
+        except Exception:
+            self._stats.upstream_failures += 1
+            self._breaker.failed()
+            log.warning("profile source failed to load %d profiles at once", len(missing), exc_info=True)
+            return
+        self._breaker.succeeded()
+        now = self._clock()
+        for user_id in missing:
+            if user_id not in self._loading:  # a load that started meanwhile knows better
+                self._remember(user_id, self._entry(found.get(user_id), now))
 
     async def drain(self) -> None:
         """Wait until no load or refresh is in flight (for tests and benchmarks)."""

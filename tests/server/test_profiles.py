@@ -210,3 +210,31 @@ async def test_a_troubled_profile_service_never_fails_a_delivery_query(
                 gate.set()
                 await asyncio.wait_for(app.services.profiles.drain(), TIMEOUT)
                 assert await home_blocks(app, "u-other") == [("hero", "gold-offer")]
+
+
+async def test_a_batch_of_users_is_prefetched_in_one_query(app: RunningApp) -> None:
+    # Given 300 stored profiles, none cached here, and a counter of SELECTs on profiles
+    profiles = [{"userId": f"p-{i}", "traits": {"tier": "gold"}} for i in range(300)]
+    await import_bundle(app, {**BUNDLE, "profiles": profiles})
+    store = app.services.profiles
+    store.invalidate()
+    engine: AsyncEngine = app.services.engine
+    selects: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "profiles" in statement:
+            selects.append(statement)
+
+    sa.event.listen(engine.sync_engine, "before_cursor_execute", count)
+    try:
+        # When ingestion prefetches the batch's users (and some without a profile), then reads each
+        await store.prefetch({f"p-{i}" for i in range(300)} | {"nobody-1", "nobody-2"})
+        read = [await store.get(f"p-{i}", wait=True) for i in range(300)]
+        nobody = await store.get("nobody-1", wait=True)
+    finally:
+        sa.event.remove(engine.sync_engine, "before_cursor_execute", count)
+
+    # Then one query loaded them all, the absent ones included
+    assert len(selects) == 1
+    assert all(p is not None and p.traits == {"tier": "gold"} for p in read)
+    assert nobody is None
