@@ -137,6 +137,7 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
         schedule=schedule,
         bus=bus,
         clock=clock,
+        prefetch=profiles.prefetch,
     )
     ingest.identity_listeners.append(evaluator.on_identity)
     ingest.forget_listeners.append(evaluator.on_forget)

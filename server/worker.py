@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -34,6 +34,7 @@ from server.store import EventRepository, IdentityRepository
 log = logging.getLogger(__name__)
 
 SEGMENTS_CHANNEL = "segments"
+EVALUATIONS_AT_ONCE = 16  # viewers of one batch evaluated concurrently
 GROUP = "evaluators"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -211,9 +212,12 @@ class Evaluator:
         schedule: FlipSchedule,
         bus: Bus,
         clock: Clock,
+        prefetch: Callable[[set[str]], Awaitable[None]] | None = None,
     ) -> None:
+        """``prefetch(user_ids)``, when given, loads the profiles of a batch's users at once."""
         self._snapshots = snapshots
         self._profiles = profiles
+        self._prefetch = prefetch
         self._events = events
         self._memberships = memberships
         self.schedule = schedule
@@ -250,7 +254,7 @@ class Evaluator:
         for viewer, types in types_of.items():
             by_viewer.setdefault(await self._owner(*viewer), set()).update(types)
         snapshot = self._snapshots.current
-        changes = []
+        work: list[tuple[str | None, str | None, set[str] | None]] = []
         for (user_id, anonymous_id), types in by_viewer.items():
             if not types:
                 continue
@@ -259,10 +263,20 @@ class Evaluator:
                 keys = set()
                 for type_ in types:
                     keys.update(snapshot.segments_by_event_type.get(type_, ()))
-            change = await self.evaluate(user_id, anonymous_id, keys)
-            if change is not None:
-                changes.append(change)
-        return changes
+                if not keys:  # no segment depends on these event types: nothing can have moved
+                    continue
+            work.append((user_id, anonymous_id, keys))
+        if self._prefetch is not None:
+            await self._prefetch({user_id for user_id, _, _ in work if user_id})
+        limit = asyncio.Semaphore(EVALUATIONS_AT_ONCE)
+
+        async def evaluate(user_id: str | None, anonymous_id: str | None, keys: set[str] | None) -> Change | None:
+            async with limit:
+                return await self.evaluate(user_id, anonymous_id, keys)
+
+        # Viewers are independent: their Redis round trips overlap.
+        results = await asyncio.gather(*(evaluate(*item) for item in work))
+        return [change for change in results if change is not None]
 
     async def _owner(self, user_id: str | None, anonymous_id: str | None) -> tuple[str | None, str | None]:
         """The viewer whose state an event or a flip concerns: an anonymous id joined to a user is that
