@@ -104,6 +104,7 @@ class _Config:
         self.blocks = blocks
         self.block_docs: dict[tuple[str, str], Mapping[str, Any]] = {k: r.draft for k, r in blocks.items()}
         self.block_paths: dict[tuple[str, str], str] = {}
+        self.problems: list[Problem] = []  # found while putting (a key given twice in one input)
 
     @property
     def default_locale(self) -> str:
@@ -112,6 +113,8 @@ class _Config:
     def put(self, kind: str, doc: Mapping[str, Any], path: str) -> None:
         key = doc.get("key") if isinstance(doc, Mapping) else None
         ident = key if isinstance(key, str) else f"#{path}"
+        if (kind, ident) in self.paths:  # given twice in this input: the first would never be checked
+            self.problems.append(Problem(f"{path}.key", f"duplicate key '{key}' (also at {self.paths[(kind, ident)]})"))
         self.entities[kind][ident] = doc
         self.paths[(kind, ident)] = path
 
@@ -121,6 +124,9 @@ class _Config:
             key if isinstance(key, str) else f"#{path}",
             block_locale(doc, self.default_locale) if isinstance(doc, Mapping) else "",
         )
+        if ident in self.block_paths:  # given twice in this input: the first would never be checked
+            where = f"'{ident[0]}' in locale '{ident[1]}'"
+            self.problems.append(Problem(f"{path}.key", f"duplicate key {where} (also at {self.block_paths[ident]})"))
         self.block_docs[ident] = doc
         self.block_paths[ident] = path
         return ident
@@ -138,7 +144,7 @@ class _Config:
         return config
 
     def check(self) -> None:
-        problems = check_config(self.docs())
+        problems = self.problems + check_config(self.docs())
         if problems:
             raise InvalidContent(problems)
 

@@ -239,15 +239,16 @@ for i = 4, #ARGV, 5 do
     local ev, evt = p .. 'ev:' .. unit, p .. 'evt:' .. unit
     redis.call('HSET', ev, id, json)
     redis.call('ZADD', evt, at, id)
-    local old = redis.call('ZRANGEBYSCORE', evt, '-inf', now - ret)
-    if #old > 0 then
-      redis.call('HDEL', ev, unpack(old))
-      redis.call('ZREMRANGEBYSCORE', evt, '-inf', now - ret)
-    end
-    redis.call('PEXPIRE', ev, ret)
-    redis.call('PEXPIRE', evt, ret)
     redis.call('XADD', p .. 'events', '*', 'e', json, 'unit', unit)
     new[#new + 1] = id
+    -- Trim what left retention, after the event is safe in the stream, in chunks (unpack has a limit).
+    local old = redis.call('ZRANGEBYSCORE', evt, '-inf', now - ret)
+    for i = 1, #old, 500 do
+      redis.call('HDEL', ev, unpack(old, i, math.min(i + 499, #old)))
+    end
+    if #old > 0 then redis.call('ZREMRANGEBYSCORE', evt, '-inf', now - ret) end
+    redis.call('PEXPIRE', ev, ret)
+    redis.call('PEXPIRE', evt, ret)
   end
 end
 return new
