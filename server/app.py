@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -34,7 +35,7 @@ from server.profiles import PROFILES_CHANNEL, ProfileStore
 from server.requests import RequestInference
 from server.settings import Clock, Settings, system_clock
 from server.snapshots import CONTENT_CHANNEL, SnapshotHolder
-from server.tracking import tracking_routes
+from server.tracking import TrackingCORS, tracking_routes
 from server.worker import (
     Evaluator,
     LocalMemberships,
@@ -282,6 +283,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock = system_clock)
             profile_invalidation_hook(KeyAuthenticator(services.keys), services.profiles, services.bus),
             *tracking_routes(KeyAuthenticator(services.keys), services.ingest, clock=clock),
         ],
+        middleware=[Middleware(TrackingCORS, origins=settings.tracking_cors_origins)],
         lifespan=lifespan,
     )
     app.state.services = services

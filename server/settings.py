@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     profile_breaker_failures: int = 5  # consecutive upstream failures that open the breaker
     profile_breaker_reset_seconds: float = 30.0
     # Events
+    # Origins whose pages may send events to /v1/* from a browser (CORS); ["*"] for any site.
+    tracking_cors_origins: list[str] = Field(default_factory=lambda: ["*"])
     event_max_bytes: int = 32 * 1024
     batch_max_bytes: int = 500 * 1024
     event_max_future_seconds: float = 600.0  # timestamps further ahead than this are rejected

@@ -48,9 +48,11 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from content.errors import Problem
 from content.rules import describe, parse_instant
@@ -96,6 +98,27 @@ class _Answer:
         rejected = [{"index": i, "errors": errors} for i, errors in sorted(self.rejected.items())]
         body = {"success": True, "accepted": self.accepted, "rejected": rejected}
         return Response(orjson.dumps(body), 200, media_type="application/json")
+
+
+class TrackingCORS:
+    """CORS for the tracking API only, so that browser trackers can send to ``/v1/*`` from the
+    configured origins (ingest keys are public in a browser anyway); other paths are untouched."""
+
+    def __init__(self, app: ASGIApp, origins: Sequence[str]) -> None:
+        self._app = app
+        self._cors = CORSMiddleware(
+            app,
+            allow_origins=list(origins),
+            allow_methods=["POST"],
+            allow_headers=["authorization", "content-type", "content-encoding"],
+            max_age=600,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            await self._cors(scope, receive, send)
+        else:
+            await self._app(scope, receive, send)
 
 
 def tracking_routes(authenticator: Authenticator, ingest: Ingestor, *, clock: Clock) -> list[Route]:

@@ -73,3 +73,26 @@ async def test_appending_after_thousands_of_events_expired_keeps_the_new_event(
         assert await client.hlen(redis_prefix + "ev:u:u-1") == 1
     finally:
         await client.aclose()
+
+
+async def test_browser_trackers_may_send_to_the_tracking_api_and_only_there(app: RunningApp) -> None:
+    origin = {"Origin": "https://shop.example"}
+    # A preflight for /v1/batch with Basic auth is allowed
+    preflight = await app.client.options(
+        "/v1/batch",
+        headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] in ("*", "https://shop.example")
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+
+    # The POST itself carries the header; GraphQL answers without CORS headers
+    sent = await app.client.post(
+        "/v1/track",
+        json={"type": "track", "event": "page_view", "anonymousId": "a-1"},
+        headers={**origin, "Authorization": f"Bearer {app.keys['ingest']}"},
+    )
+    assert sent.status_code == 200, sent.text
+    assert "access-control-allow-origin" in sent.headers
+    graphql = await app.client.post("/graphql", json={"query": "{ __typename }"}, headers=origin)
+    assert "access-control-allow-origin" not in graphql.headers
