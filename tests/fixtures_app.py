@@ -3,6 +3,8 @@ when asked, the real Redis), with an injected clock and a key of every scope."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from starlette.applications import Starlette
 
 from server.app import Services, create_app
@@ -91,6 +94,54 @@ def by_key(bundle: Mapping[str, Any]) -> dict[str, Any]:
     default = (bundle.get("locales") or {}).get("default", "en-US")
     view["blocks"] = {(doc["key"], doc.get("locale", default)): doc for doc in bundle.get("blocks") or ()}
     return view
+
+
+@dataclass
+class Served:
+    """An ASGI app served by uvicorn on 127.0.0.1 in the test's event loop."""
+
+    server: uvicorn.Server
+    task: asyncio.Task[None]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        """Down: the listening socket is closed and connections to it are refused (callers bound
+        the wait with asyncio.timeout when they need to)."""
+        if not self.task.done():
+            self.server.should_exit = True
+            await self.task
+
+
+def serve(app: Any, port: int = 0, *, name: str = "uvicorn") -> Served:
+    """Serve ``app`` (its lifespan is the caller's) on a loopback port. The socket listens before
+    uvicorn runs, so a client may connect at once (the kernel queues it): nothing to wait for. It is
+    made with IPPROTO_TCP, as asyncio sets TCP_NODELAY only then; without it every response waits
+    ~40 ms for the client's delayed ACK."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(256)
+    config = uvicorn.Config(
+        app, log_level="warning", log_config=None, lifespan="off", ws="none", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
+    return Served(server=server, task=task, port=int(sock.getsockname()[1]))
+
+
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """``serve(app)`` for the length of a ``with``; yields the base URL."""
+    live = serve(app)
+    try:
+        yield live.url
+    finally:
+        async with asyncio.timeout(10):
+            await live.stop()
 
 
 @asynccontextmanager

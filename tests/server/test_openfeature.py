@@ -17,8 +17,7 @@ from typing import Any
 import httpx
 import mmh3
 import pytest
-import uvicorn
-from fixtures_app import RunningApp
+from fixtures_app import RunningApp, Served, serve
 from openfeature import api
 from openfeature.client import OpenFeatureClient
 from openfeature.evaluation_context import EvaluationContext
@@ -63,46 +62,30 @@ class LiveTessera:
     """The test's app served over HTTP on 127.0.0.1 by uvicorn, in the test's event loop."""
 
     app: RunningApp
-    url: str
-    server: uvicorn.Server
-    task: asyncio.Task[None]
+    served: Served
+
+    @property
+    def url(self) -> str:
+        return self.served.url
 
     @property
     def key(self) -> str:
         return self.app.keys["delivery"]
 
     async def stop(self) -> None:
-        """Down: the listening socket is closed and connections to it are refused."""
-        if not self.task.done():
-            self.server.should_exit = True
-            await asyncio.wait_for(self.task, TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            await self.served.stop()
 
 
 @pytest.fixture
 async def tessera(app: RunningApp) -> AsyncIterator[LiveTessera]:
     await given(app, FLAGS)
     # The app fixture already runs the lifespan; uvicorn only serves it.
-    config = uvicorn.Config(
-        app.app, log_level="warning", log_config=None, lifespan="off", ws="none", timeout_graceful_shutdown=1
-    )
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on accepted sockets of a TCP-proto listener,
-    # and without it every response waits ~40 ms for the client's delayed ACK.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(256)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="tessera")
-    live = LiveTessera(app, f"http://127.0.0.1:{sock.getsockname()[1]}", server, task)
+    live = LiveTessera(app, serve(app.app, name="tessera"))
     try:
-        async with asyncio.timeout(TIMEOUT):
-            while not server.started:
-                if task.done():
-                    task.result()  # uvicorn failed to start: say why
-                await asyncio.sleep(0)
         yield live
     finally:
         await live.stop()
-        sock.close()
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-import uvicorn
+from fixtures_app import Served, serve
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -51,8 +51,7 @@ class Upstream:
     raw_paths: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     _arrival: asyncio.Event = field(default_factory=asyncio.Event)
-    _server: uvicorn.Server | None = None
-    _task: asyncio.Task[None] | None = None
+    _served: Served | None = None
 
     @property
     def url(self) -> str:
@@ -88,26 +87,17 @@ class Upstream:
 
     async def start(self) -> None:
         app = Starlette(routes=[Route("/profiles/{user_id:path}", self._answer)])
-        config = uvicorn.Config(
-            app, log_level="warning", log_config=None, lifespan="off", ws="none", timeout_graceful_shutdown=1
-        )
-        # Bound and listening before uvicorn runs: a client may connect at once, with no wait for it.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(256)
-        self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="upstream")
+        self._served = serve(app, self.port, name="upstream")  # the same port again after a stop
+        self.port = self._served.port
 
     async def stop(self) -> None:
         """Down: the listening socket is closed and every connection to it is refused."""
         if self.gate is not None:
             self.gate.set()
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await asyncio.wait_for(self._task, TIMEOUT)
-            self._server = self._task = None
+        if self._served is not None:
+            async with asyncio.timeout(TIMEOUT):
+                await self._served.stop()
+            self._served = None
 
 
 @asynccontextmanager

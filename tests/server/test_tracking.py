@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import socket
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,10 +14,8 @@ import httpx
 import orjson
 import pytest
 import segment.analytics as analytics
-import uvicorn
-from fixtures_app import T0, RunningApp, running_app
+from fixtures_app import T0, RunningApp, running_app, served
 from segment.analytics.request import APIError
-from starlette.applications import Starlette
 
 from content.behaviour import Event
 from tests.server.factories import bundle, given, segment, trait
@@ -136,26 +132,6 @@ def assert_refused(response: httpx.Response, status: int, code: str) -> None:
 
 
 # -- the real Segment client over a real socket -------------------------------------------------
-
-
-@asynccontextmanager
-async def served(app: Starlette) -> AsyncIterator[str]:
-    """``app`` served by uvicorn on a free loopback port; its base URL. The socket listens before
-    uvicorn starts, so that a client may connect at once (the kernel queues it): no waiting."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
-    # The fixture runs the lifespan; `ws="none"` keeps uvicorn from importing a WebSocket library.
-    config = uvicorn.Config(app, lifespan="off", ws="none", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[listener]))
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        listener.close()
 
 
 @pytest.fixture
