@@ -22,6 +22,10 @@ class Bus(Protocol):
 
     async def publish(self, channel: str, message: Mapping[str, Any]) -> None: ...
 
+    async def publish_many(self, channel: str, messages: Sequence[Mapping[str, Any]]) -> None:
+        """Publish ``messages`` in order, at once (one round trip for a batch)."""
+        ...
+
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[Mapping[str, Any]]]: ...
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -52,6 +52,10 @@ class InProcessBus(_FanOut):
     async def publish(self, channel: str, message: Mapping[str, Any]) -> None:
         self._deliver(channel, message)
 
+    async def publish_many(self, channel: str, messages: Sequence[Mapping[str, Any]]) -> None:
+        for message in messages:
+            self._deliver(channel, message)
+
     async def start(self) -> None:
         return None
 
@@ -71,6 +75,12 @@ class RedisBus(_FanOut):
 
     async def publish(self, channel: str, message: Mapping[str, Any]) -> None:
         await self._client.publish(self._prefix + channel, orjson.dumps(message))
+
+    async def publish_many(self, channel: str, messages: Sequence[Mapping[str, Any]]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for message in messages:
+                pipe.publish(self._prefix + channel, orjson.dumps(message))
+            await pipe.execute()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._listen(), name="redis-bus")

@@ -23,7 +23,13 @@ NDJSON_BATCH = 1000
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coroutine)
+    """Run on uvloop where it is installed (uvicorn[standard] brings it; the server runs on it too)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
 
 
 def _counts(counts: dict[str, int]) -> str:

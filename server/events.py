@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -112,16 +112,24 @@ def _text(value: Any) -> str:
 
 
 def check_tracked(
-    raw: object, path: str, *, now: datetime, limits: Limits, require_id_and_time: bool = False
+    raw: object,
+    path: str,
+    *,
+    now: datetime,
+    limits: Limits,
+    require_id_and_time: bool = False,
+    measured: bool = False,
 ) -> Tracked | list[Problem]:
     """A tracked event from its JSON form (``id``, ``type``, ``userId``, ``anonymousId``, ``at``,
-    ``properties``), or every problem with it. Missing ids and times are filled in."""
+    ``properties``), or every problem with it. Missing ids and times are filled in. ``measured``:
+    the caller has held the event to the size limit already (the tracking API measures messages)."""
     if not isinstance(raw, Mapping):
         return [Problem(path, f"an event must be a JSON object, not {describe(raw)}")]
     problems: list[Problem] = []
-    size = len(orjson.dumps(raw, default=str))
-    if size > limits.max_event_bytes:
-        problems.append(Problem(path, f"is {size} bytes; an event may have at most {limits.max_event_bytes}"))
+    if not measured:
+        size = len(orjson.dumps(raw, default=str))
+        if size > limits.max_event_bytes:
+            problems.append(Problem(path, f"is {size} bytes; an event may have at most {limits.max_event_bytes}"))
     allowed = ("id", "type", "userId", "anonymousId", "at", "properties")
     problems.extend(Problem(f"{path}.{k}", f"unexpected key '{k}'") for k in raw if k not in allowed)
     type_ = raw.get("type")
@@ -190,6 +198,13 @@ class EventStore(Protocol):
 
     async def history(self, *, user_id: str | None, anonymous_id: str | None, now: datetime) -> History: ...
 
+    async def histories(
+        self, viewers: Sequence[tuple[str | None, str | None]], *, now: datetime
+    ) -> list[tuple[str, History]]:
+        """For each (userId, anonymousId), the unit that owns its events (an anonymous id joined to a
+        user is that user) and its history, at once (the evaluator reads a whole batch this way)."""
+        ...
+
     async def link(self, anonymous_id: str, user_id: str) -> bool:
         """Join an anonymous history to a user's; False when it was joined already."""
         ...
@@ -198,24 +213,37 @@ class EventStore(Protocol):
         """The user id an anonymous id was joined to, if any (its events are that user's)."""
         ...
 
+    async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
+        """:meth:`user_of` for many at once: the joined ones only."""
+        ...
+
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
         """Remove a viewer's behavioural state (not the database rows); returns events removed."""
         ...
 
 
 def _history(raw_events: Sequence[bytes | str | None]) -> History:
-    events = [Tracked.from_json(raw).event() for raw in raw_events if raw is not None]
+    events = []
+    for raw in raw_events:
+        if raw is not None:
+            doc = orjson.loads(raw)
+            at = datetime.fromtimestamp(doc["at"] / 1000, UTC)
+            events.append(Event(id=doc["id"], type=doc["type"], at=at, properties=doc.get("p") or {}))
     return EventLog(events) if events else EMPTY_HISTORY
 
 
 # Appends, deduplicated by id, atomically: the stream entry, the per-viewer state and the "seen" mark
-# are written together or not at all. ARGV: prefix, retention ms, now ms, then per event: id, userId,
-# anonymousId, at ms, JSON. An event with both ids joins the anonymous history to the user's.
+# are written together or not at all. ARGV: prefix, retention ms, now ms, then each event's JSON
+# (Tracked.to_json: its id, u, a and at are read here). An event with both ids joins the anonymous
+# history to the user's.
 _APPEND = """
 local p, ret, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local function merge(aid, uid)
   local from, to = 'a:' .. aid, 'u:' .. uid
-  if redis.call('SET', p .. 'alias:' .. aid, uid, 'NX') == false then return end
+  if redis.call('SET', p .. 'alias:' .. aid, uid, 'NX', 'PX', ret) == false then
+    redis.call('PEXPIRE', p .. 'alias:' .. aid, ret)
+    return
+  end
   local entries = redis.call('HGETALL', p .. 'ev:' .. from)
   for i = 1, #entries, 2 do redis.call('HSETNX', p .. 'ev:' .. to, entries[i], entries[i + 1]) end
   local times = redis.call('ZRANGE', p .. 'evt:' .. from, 0, -1, 'WITHSCORES')
@@ -225,8 +253,10 @@ local function merge(aid, uid)
   redis.call('PEXPIRE', p .. 'evt:' .. to, ret)
 end
 local new = {}
-for i = 4, #ARGV, 5 do
-  local id, uid, aid, at, json = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+for i = 4, #ARGV do
+  local json = ARGV[i]
+  local doc = cjson.decode(json)
+  local id, uid, aid, at = doc['id'], doc['u'] or '', doc['a'] or '', string.format('%.0f', doc['at'])
   if redis.call('SET', p .. 'seen:' .. id, '1', 'NX', 'PX', ret) then
     local unit
     if uid ~= '' then
@@ -234,7 +264,10 @@ for i = 4, #ARGV, 5 do
       if aid ~= '' then merge(aid, uid) end
     else
       local linked = redis.call('GET', p .. 'alias:' .. aid)
-      if linked then unit = 'u:' .. linked else unit = 'a:' .. aid end
+      if linked then
+        unit = 'u:' .. linked
+        redis.call('PEXPIRE', p .. 'alias:' .. aid, ret)  -- a join lasts while the device is in use
+      else unit = 'a:' .. aid end
     end
     local ev, evt = p .. 'ev:' .. unit, p .. 'evt:' .. unit
     redis.call('HSET', ev, id, json)
@@ -254,34 +287,48 @@ end
 return new
 """
 
-# ARGV: prefix, userId, anonymousId, cutoff ms (exclusive). Returns the viewer's event JSONs.
-_HISTORY = """
-local p, uid, aid, cutoff = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local unit
-if uid ~= '' then unit = 'u:' .. uid
-else
-  local linked = redis.call('GET', p .. 'alias:' .. aid)
-  if linked then unit = 'u:' .. linked else unit = 'a:' .. aid end
-end
-local ids = redis.call('ZRANGEBYSCORE', p .. 'evt:' .. unit, '(' .. cutoff, '+inf')
+# ARGV: prefix, cutoff ms (exclusive), then a userId and an anonymousId per viewer. Returns, per
+# viewer, {the unit owning its events, {their JSONs}}.
+_HISTORIES = """
+local p, cutoff = ARGV[1], ARGV[2]
 local out = {}
-for i = 1, #ids, 500 do
-  local chunk = redis.call('HMGET', p .. 'ev:' .. unit, unpack(ids, i, math.min(i + 499, #ids)))
-  for j = 1, #chunk do out[#out + 1] = chunk[j] end
+for i = 3, #ARGV, 2 do
+  local uid, aid = ARGV[i], ARGV[i + 1]
+  local unit
+  if uid ~= '' then unit = 'u:' .. uid
+  else
+    local linked = redis.call('GET', p .. 'alias:' .. aid)
+    if linked then unit = 'u:' .. linked else unit = 'a:' .. aid end
+  end
+  local ids = redis.call('ZRANGEBYSCORE', p .. 'evt:' .. unit, '(' .. cutoff, '+inf')
+  local events = {}
+  for j = 1, #ids, 500 do
+    local chunk = redis.call('HMGET', p .. 'ev:' .. unit, unpack(ids, j, math.min(j + 499, #ids)))
+    for k = 1, #chunk do events[#events + 1] = chunk[k] end
+  end
+  out[#out + 1] = {unit, events}
 end
 return out
 """
 
-# ARGV: prefix, anonymousId, userId. Joins (idempotently); returns 1 when newly joined.
+# ARGV: prefix, anonymousId, userId, retention ms. Joins (idempotently); returns 1 when newly joined.
+# The join, like the histories, expires a retention period after it was last used.
 _LINK = """
-local p, aid, uid = ARGV[1], ARGV[2], ARGV[3]
-if redis.call('SET', p .. 'alias:' .. aid, uid, 'NX') == false then return 0 end
+local p, aid, uid, ret = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('SET', p .. 'alias:' .. aid, uid, 'NX', 'PX', ret) == false then
+  redis.call('PEXPIRE', p .. 'alias:' .. aid, ret)
+  return 0
+end
 local from, to = 'a:' .. aid, 'u:' .. uid
 local entries = redis.call('HGETALL', p .. 'ev:' .. from)
 for i = 1, #entries, 2 do redis.call('HSETNX', p .. 'ev:' .. to, entries[i], entries[i + 1]) end
 local times = redis.call('ZRANGE', p .. 'evt:' .. from, 0, -1, 'WITHSCORES')
 for i = 1, #times, 2 do redis.call('ZADD', p .. 'evt:' .. to, times[i + 1], times[i]) end
 redis.call('DEL', p .. 'ev:' .. from, p .. 'evt:' .. from)
+if #times > 0 then
+  redis.call('PEXPIRE', p .. 'ev:' .. to, ret)
+  redis.call('PEXPIRE', p .. 'evt:' .. to, ret)
+end
 return 1
 """
 
@@ -297,7 +344,7 @@ class RedisEventStore:
         self._retention_ms = int(retention.total_seconds() * 1000)
         self._clock = clock
         self._append = client.register_script(_APPEND)
-        self._read = client.register_script(_HISTORY)
+        self._read = client.register_script(_HISTORIES)
         self._link = client.register_script(_LINK)
 
     @property
@@ -310,8 +357,7 @@ class RedisEventStore:
         for start in range(0, len(events), self.APPEND_BATCH):
             batch = events[start : start + self.APPEND_BATCH]
             args: list[Any] = [self._prefix, self._retention_ms, now_ms]
-            for event in batch:
-                args += [event.id, event.user_id or "", event.anonymous_id or "", _ms(event.at), event.to_json()]
+            args.extend(event.to_json() for event in batch)
             accepted = {_text(i) for i in await self._append(args=args)}
             new.extend(e for e in batch if e.id in accepted)
         return new
@@ -319,16 +365,33 @@ class RedisEventStore:
     async def history(self, *, user_id: str | None, anonymous_id: str | None, now: datetime) -> History:
         if not user_id and not anonymous_id:
             return EMPTY_HISTORY
+        return (await self.histories([(user_id, anonymous_id)], now=now))[0][1]
+
+    async def histories(
+        self, viewers: Sequence[tuple[str | None, str | None]], *, now: datetime
+    ) -> list[tuple[str, History]]:
+        out: list[tuple[str, History]] = []
         cutoff = _ms(now) - self._retention_ms
-        raw = await self._read(args=[self._prefix, user_id or "", anonymous_id or "", cutoff])
-        return _history(raw)
+        for start in range(0, len(viewers), self.APPEND_BATCH):
+            args: list[Any] = [self._prefix, cutoff]
+            for user_id, anonymous_id in viewers[start : start + self.APPEND_BATCH]:
+                args += [user_id or "", anonymous_id or ""]
+            out.extend((_text(unit), _history(raw)) for unit, raw in await self._read(args=args))
+        return out
 
     async def link(self, anonymous_id: str, user_id: str) -> bool:
-        return bool(await self._link(args=[self._prefix, anonymous_id, user_id]))
+        return bool(await self._link(args=[self._prefix, anonymous_id, user_id, self._retention_ms]))
 
     async def user_of(self, anonymous_id: str) -> str | None:
         linked = await self._client.get(self._prefix + "alias:" + anonymous_id)
         return None if linked is None else _text(linked)
+
+    async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
+        ids = list(anonymous_ids)
+        if not ids:
+            return {}
+        linked = await self._client.mget([self._prefix + "alias:" + i for i in ids])
+        return {i: _text(user) for i, user in zip(ids, linked, strict=True) if user is not None}
 
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
         units = []
@@ -454,6 +517,15 @@ class LocalEventStore:
             self._logs[unit] = log_
         return log_
 
+    async def histories(
+        self, viewers: Sequence[tuple[str | None, str | None]], *, now: datetime
+    ) -> list[tuple[str, History]]:
+        out = []
+        for user_id, anonymous_id in viewers:
+            unit = self._unit(Tracked(id="", type="", at=now, user_id=user_id, anonymous_id=anonymous_id))
+            out.append((unit, await self.history(user_id=user_id, anonymous_id=anonymous_id, now=now)))
+        return out
+
     async def link(self, anonymous_id: str, user_id: str) -> bool:
         async with self._sessions() as session, session.begin():
             joined = await IdentityRepository(session, clock=self._clock).link(anonymous_id, user_id)
@@ -463,6 +535,9 @@ class LocalEventStore:
 
     async def user_of(self, anonymous_id: str) -> str | None:
         return self._aliases.get(anonymous_id)
+
+    async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
+        return {i: self._aliases[i] for i in anonymous_ids if i in self._aliases}
 
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
         removed = 0

@@ -68,28 +68,37 @@ class Ingestor:
         self.identity_listeners: list[Listener] = []  # the evaluator: a viewer's traits or identity changed
         self.forget_listeners: list[Listener] = []
 
-    async def track(self, records: Sequence[tuple[str, Any]], *, strict: bool = False) -> IngestResult:
-        """Check and store (path, event) records. ``strict`` (imports) requires ids and times."""
+    async def track(
+        self, records: Sequence[tuple[str, Any]], *, strict: bool = False, measured: bool = False
+    ) -> IngestResult:
+        """Check and store (path, event) records. ``strict`` (imports) requires ids and times;
+        ``measured``: the caller held each record to the size limit already."""
         result = IngestResult()
         now = self._clock()
         valid: list[Tracked] = []
         for path, raw in records:
-            checked = check_tracked(raw, path, now=now, limits=self.limits, require_id_and_time=strict)
+            checked = check_tracked(
+                raw, path, now=now, limits=self.limits, require_id_and_time=strict, measured=measured
+            )
             if isinstance(checked, list):
                 result.rejected.extend(checked)
             else:
                 valid.append(checked)
         result.accepted = len(valid)
-        users = {e.user_id for e in valid if e.user_id}
+        # An event with only an anonymous id joined to a user is that user's (it is filed under them),
+        # so their consent decides whether it is stored.
+        linked = await self._store.users_of({e.anonymous_id for e in valid if not e.user_id and e.anonymous_id})
+        owners = [e.user_id or linked.get(e.anonymous_id or "") for e in valid]
+        users = {user_id for user_id in owners if user_id}
         if users and self._prefetch is not None:
             await self._prefetch(users)
         consenting = []
         verdicts: dict[str, bool] = {}
-        for event in valid:
-            if event.user_id:
-                if event.user_id not in verdicts:
-                    verdicts[event.user_id] = await self._consents(event.user_id)
-                if not verdicts[event.user_id]:
+        for event, user_id in zip(valid, owners, strict=True):
+            if user_id:
+                if user_id not in verdicts:
+                    verdicts[user_id] = await self._consents(user_id)
+                if not verdicts[user_id]:
                     result.withheld += 1
                     continue
             consenting.append(event)

@@ -247,7 +247,7 @@ class TrackingAPI:
         return answer.response()
 
     async def _track(self, records: list[tuple[str, Any]], prefixes: list[str], answer: _Answer) -> None:
-        result = await self._ingest.track(records)
+        result = await self._ingest.track(records, measured=True)  # _take measured each message
         answer.accepted += result.accepted
         for index, errors in _segment_errors(result.rejected, prefixes).items():
             answer.reject(index, errors)

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from content.behaviour import History
 from content.decide import Evaluation
 from content.viewer import make_viewer
 from schema.ports import Bus, ProfileSource, SnapshotSource
@@ -34,7 +35,6 @@ from server.store import EventRepository, IdentityRepository
 log = logging.getLogger(__name__)
 
 SEGMENTS_CHANNEL = "segments"
-EVALUATIONS_AT_ONCE = 16  # viewers of one batch evaluated concurrently
 GROUP = "evaluators"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -54,15 +54,21 @@ def _text(value: Any) -> str:
 
 
 class Memberships(Protocol):
+    async def swap(self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]]) -> list[Swapped]:
+        """For each (unit, scope, members): make ``members`` the unit's membership within ``scope``
+        (None: every segment, so that any other is left) and return what entered and what left,
+        each unit atomically (two workers evaluating one viewer never announce one change twice)."""
+        ...
+
     async def get(self, unit: str) -> set[str]: ...
 
-    async def update(self, unit: str, entered: Iterable[str], left: Iterable[str]) -> None: ...
-
-    async def forget(self, unit: str) -> None: ...
+    async def forget(self, units: Iterable[str]) -> None: ...
 
 
 class FlipSchedule(Protocol):
-    async def set(self, unit: str, at: datetime | None) -> None: ...
+    async def set(self, instants: Mapping[str, datetime | None]) -> None:
+        """Schedule each unit's next flip at its instant (None: it has none)."""
+        ...
 
     async def due(self, now: datetime, limit: int = 500) -> list[str]:
         """Take (remove and return) the units whose flip instant is at or before ``now``."""
@@ -71,20 +77,36 @@ class FlipSchedule(Protocol):
     async def next_due(self) -> datetime | None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Swapped:
+    entered: frozenset[str]
+    left: frozenset[str]
+
+
 class LocalMemberships:
     def __init__(self) -> None:
         self._members: dict[str, set[str]] = {}
 
+    async def swap(self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]]) -> list[Swapped]:
+        out = []
+        for unit, scope, members in updates:
+            current = self._members.get(unit, set())
+            now_in = set(members)
+            left = current - now_in if scope is None else (current & set(scope)) - now_in
+            out.append(Swapped(frozenset(now_in - current), frozenset(left)))
+            updated = (current - left) | now_in
+            if updated:
+                self._members[unit] = updated
+            else:
+                self._members.pop(unit, None)
+        return out
+
     async def get(self, unit: str) -> set[str]:
         return set(self._members.get(unit, ()))
 
-    async def update(self, unit: str, entered: Iterable[str], left: Iterable[str]) -> None:
-        members = self._members.setdefault(unit, set())
-        members.update(entered)
-        members.difference_update(left)
-
-    async def forget(self, unit: str) -> None:
-        self._members.pop(unit, None)
+    async def forget(self, units: Iterable[str]) -> None:
+        for unit in units:
+            self._members.pop(unit, None)
 
 
 class LocalSchedule:
@@ -95,13 +117,14 @@ class LocalSchedule:
         self._at: dict[str, datetime] = {}
         self.changed = asyncio.Event()
 
-    async def set(self, unit: str, at: datetime | None) -> None:
-        if at is None:
-            self._at.pop(unit, None)
-            return
-        self._at[unit] = at
-        heapq.heappush(self._heap, (at, unit))
-        self.changed.set()
+    async def set(self, instants: Mapping[str, datetime | None]) -> None:
+        for unit, at in instants.items():
+            if at is None:
+                self._at.pop(unit, None)
+            else:
+                self._at[unit] = at
+                heapq.heappush(self._heap, (at, unit))
+                self.changed.set()
 
     async def due(self, now: datetime, limit: int = 500) -> list[str]:
         units: list[str] = []
@@ -118,26 +141,74 @@ class LocalSchedule:
         return self._heap[0][0] if self._heap else None
 
 
+# ARGV: prefix, then per unit: the unit, the number of scope keys (-1: every segment), the scope keys,
+# the number of members, the members. Returns per unit {entered, left}.
+_SWAP = """
+local p = ARGV[1]
+local out = {}
+local i = 2
+local function chunked(command, key, list)
+  for j = 1, #list, 500 do redis.call(command, key, unpack(list, j, math.min(j + 499, #list))) end
+end
+while i <= #ARGV do
+  local key = p .. 'mem:' .. ARGV[i]
+  local nscope = tonumber(ARGV[i + 1])
+  i = i + 2
+  local scope = {}
+  if nscope > 0 then
+    for j = i, i + nscope - 1 do scope[ARGV[j]] = true end
+    i = i + nscope
+  end
+  local nmembers = tonumber(ARGV[i])
+  i = i + 1
+  local members = {}
+  for j = i, i + nmembers - 1 do members[ARGV[j]] = true end
+  local have = {}
+  local entered, left = {}, {}
+  for _, m in ipairs(redis.call('SMEMBERS', key)) do
+    have[m] = true
+    if not members[m] and (nscope < 0 or scope[m]) then left[#left + 1] = m end
+  end
+  for j = i, i + nmembers - 1 do
+    if not have[ARGV[j]] then entered[#entered + 1] = ARGV[j] end
+  end
+  i = i + nmembers
+  if #entered > 0 then chunked('SADD', key, entered) end
+  if #left > 0 then chunked('SREM', key, left) end
+  out[#out + 1] = {entered, left}
+end
+return out
+"""
+
+
 class RedisMemberships:
+    BATCH = 200  # units per script call
+
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self._client = client
         self._prefix = prefix + "mem:"
+        self._swap = client.register_script(_SWAP)
+        self._root = prefix
+
+    async def swap(self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]]) -> list[Swapped]:
+        out: list[Swapped] = []
+        for start in range(0, len(updates), self.BATCH):
+            args: list[Any] = [self._root]
+            for unit, scope, members in updates[start : start + self.BATCH]:
+                args += [unit, -1] if scope is None else [unit, len(scope), *scope]
+                args += [len(members), *members]
+            for entered, left in await self._swap(args=args):
+                out.append(Swapped(frozenset(map(_text, entered)), frozenset(map(_text, left))))
+        return out
 
     async def get(self, unit: str) -> set[str]:
         members = await self._client.smembers(self._prefix + unit)
         return {_text(m) for m in members}
 
-    async def update(self, unit: str, entered: Iterable[str], left: Iterable[str]) -> None:
-        entered, left = list(entered), list(left)
-        async with self._client.pipeline(transaction=True) as pipe:
-            if entered:
-                pipe.sadd(self._prefix + unit, *entered)
-            if left:
-                pipe.srem(self._prefix + unit, *left)
-            await pipe.execute()
-
-    async def forget(self, unit: str) -> None:
-        await self._client.delete(self._prefix + unit)
+    async def forget(self, units: Iterable[str]) -> None:
+        keys = [self._prefix + unit for unit in units]
+        if keys:
+            await self._client.delete(*keys)
 
 
 _TAKE_DUE = """
@@ -157,11 +228,16 @@ class RedisSchedule:
         self._take = client.register_script(_TAKE_DUE)
         self.changed = asyncio.Event()
 
-    async def set(self, unit: str, at: datetime | None) -> None:
-        if at is None:
-            await self._client.zrem(self._key, unit)
-        else:
-            await self._client.zadd(self._key, {unit: _us(at)})
+    async def set(self, instants: Mapping[str, datetime | None]) -> None:
+        scheduled = {unit: _us(at) for unit, at in instants.items() if at is not None}
+        unscheduled = [unit for unit, at in instants.items() if at is None]
+        async with self._client.pipeline(transaction=False) as pipe:
+            if scheduled:
+                pipe.zadd(self._key, scheduled)
+            if unscheduled:
+                pipe.zrem(self._key, *unscheduled)
+            await pipe.execute()
+        if scheduled:
             self.changed.set()
 
     async def due(self, now: datetime, limit: int = 500) -> list[str]:
@@ -242,110 +318,116 @@ class Evaluator:
         """Re-evaluate, for each viewer in ``events``, the segments their event types can change."""
         types_of: dict[tuple[str | None, str | None], set[str]] = {}
         joined: set[str] = set()  # users whose every segment may have moved
+        dropped: set[str] = set()  # anonymous ids joined to a user: what they held is dropped
         for event in events:
             types_of.setdefault((event.user_id, event.anonymous_id if not event.user_id else None), set()).add(
                 event.type
             )
-            if event.user_id and event.anonymous_id:  # it joined the ids: drop what the anonymous id held
-                types_of.setdefault((None, event.anonymous_id), set())
+            if event.user_id and event.anonymous_id:
+                dropped.add(event.anonymous_id)
                 if self._first_join(event.anonymous_id, event.user_id):
                     joined.add(event.user_id)
-        by_viewer: dict[tuple[str | None, str | None], set[str]] = {}
-        for viewer, types in types_of.items():
-            by_viewer.setdefault(await self._owner(*viewer), set()).update(types)
         snapshot = self._snapshots.current
-        work: list[tuple[str | None, str | None, set[str] | None]] = []
-        for (user_id, anonymous_id), types in by_viewer.items():
-            if not types:
+        work: list[tuple[str | None, str | None, frozenset[str] | None]] = []
+        for (user_id, anonymous_id), types in types_of.items():
+            if user_id in joined:
+                work.append((user_id, anonymous_id, None))
                 continue
-            keys: set[str] | None = None
-            if user_id not in joined:
-                keys = set()
-                for type_ in types:
-                    keys.update(snapshot.segments_by_event_type.get(type_, ()))
-                if not keys:  # no segment depends on these event types: nothing can have moved
-                    continue
-            work.append((user_id, anonymous_id, keys))
-        if self._prefetch is not None:
-            await self._prefetch({user_id for user_id, _, _ in work if user_id})
-        limit = asyncio.Semaphore(EVALUATIONS_AT_ONCE)
-
-        async def evaluate(user_id: str | None, anonymous_id: str | None, keys: set[str] | None) -> Change | None:
-            async with limit:
-                return await self.evaluate(user_id, anonymous_id, keys)
-
-        # Viewers are independent: their Redis round trips overlap.
-        results = await asyncio.gather(*(evaluate(*item) for item in work))
-        return [change for change in results if change is not None]
-
-    async def _owner(self, user_id: str | None, anonymous_id: str | None) -> tuple[str | None, str | None]:
-        """The viewer whose state an event or a flip concerns: an anonymous id joined to a user is that
-        user (the store files its events under the user). Memberships and a flip still kept under the
-        anonymous id are dropped, or they would be announced again under it."""
-        if user_id or not anonymous_id:
-            return user_id, anonymous_id
-        linked = await self._events.user_of(anonymous_id)
-        if linked is None:
-            return None, anonymous_id
-        await self._memberships.forget(unit_of(None, anonymous_id))
-        await self.schedule.set(unit_of(None, anonymous_id), None)
-        return linked, None
+            keys = frozenset(k for type_ in types for k in snapshot.segments_by_event_type.get(type_, ()))
+            if keys:  # else no segment depends on these event types: nothing can have moved
+                work.append((user_id, anonymous_id, keys))
+        work.extend((None, anonymous_id, frozenset()) for anonymous_id in dropped)
+        return await self.evaluate_many(work)
 
     async def on_identity(self, user_id: str | None, anonymous_id: str | None) -> None:
         """A viewer's traits or identity changed: every segment may have moved."""
+        work: list[tuple[str | None, str | None, frozenset[str] | None]] = [
+            (user_id, anonymous_id if not user_id else None, None)
+        ]
         if anonymous_id and user_id:
-            await self._memberships.forget(unit_of(None, anonymous_id))  # its history is the user's now
-            await self.schedule.set(unit_of(None, anonymous_id), None)
-        await self.evaluate(user_id, anonymous_id if not user_id else None, None)
+            work.append((None, anonymous_id, frozenset()))  # its history is the user's now
+        await self.evaluate_many(work)
 
     async def on_forget(self, user_id: str | None, anonymous_id: str | None) -> None:
-        for unit in [unit_of(user_id, None)] * bool(user_id) + [unit_of(None, anonymous_id)] * bool(anonymous_id):
-            await self._memberships.forget(unit)
-            await self.schedule.set(unit, None)
+        units = [unit_of(user_id, None)] * bool(user_id) + [unit_of(None, anonymous_id)] * bool(anonymous_id)
+        await self._memberships.forget(units)
+        await self.schedule.set(dict.fromkeys(units))
 
     async def evaluate(
         self, user_id: str | None, anonymous_id: str | None, keys: Iterable[str] | None
     ) -> Change | None:
         """Evaluate ``keys`` (None: every segment) for the viewer now, announce the difference from
         what was last announced, and schedule the viewer's next time-driven flip."""
+        changes = await self.evaluate_many([(user_id, anonymous_id, None if keys is None else frozenset(keys))])
+        return changes[0] if changes else None
+
+    async def evaluate_many(self, work: Sequence[tuple[str | None, str | None, frozenset[str] | None]]) -> list[Change]:
+        """Evaluate, for each (userId, anonymousId, keys), ``keys`` (None: every segment) now;
+        announce what changed and schedule each viewer's next flip. A batch costs a few round trips
+        to the state, not a few per viewer: histories are read at once, memberships swapped at once.
+
+        An anonymous id joined to a user is that user (its events are filed under the user): what
+        is still kept under the anonymous id (memberships, a flip) is dropped, or it would be
+        announced again under it."""
+        if not work:
+            return []
         snapshot = self._snapshots.current
         now = self._clock()
-        unit = unit_of(user_id, anonymous_id)
-        viewer = make_viewer(at=now, user_id=user_id, anonymous_id=anonymous_id)
-        traits: Mapping[str, Any] | None = None
-        consent = True
-        if user_id:
-            profile = await self._profiles.get(user_id, wait=True)  # no budget here: judge with the traits
-            if profile is not None:
-                traits, consent = profile.traits, profile.consent
-        history = await self._events.history(user_id=user_id, anonymous_id=anonymous_id, now=now)
-        evaluation = Evaluation(snapshot, viewer, traits=traits, history=history, consent=consent)
-        wanted = list(snapshot.segment_order) if keys is None else [k for k in snapshot.segment_order if k in keys]
-        members = {k for k in wanted if evaluation.segment(k)}
-        previous = await self._memberships.get(unit)
-        known = previous if keys is None else previous & set(wanted)
-        if keys is None:
-            known |= previous - set(snapshot.segments)  # segments deleted since: left
-        entered = tuple(k for k in wanted if k in members and k not in previous)
-        left = tuple(sorted(known - members))
-        await self.schedule.set(unit, evaluation.next_change())
-        if not entered and not left:
-            return None
-        await self._memberships.update(unit, entered, left)
-        change = Change(unit, user_id, anonymous_id, entered, left, now)
-        await self._bus.publish(SEGMENTS_CHANNEL, change.message())
-        return change
+        loaded = await self._events.histories([(u, a) for u, a, _ in work], now=now)
+        owners: dict[str, tuple[History, frozenset[str] | None]] = {}
+        orphans: set[str] = set()
+        for (user_id, anonymous_id, keys), (owner, history) in zip(work, loaded, strict=True):
+            if owner != unit_of(user_id, anonymous_id):
+                orphans.add(unit_of(user_id, anonymous_id))
+            if owner in owners:
+                known = owners[owner][1]
+                keys = None if keys is None or known is None else keys | known
+            owners[owner] = (history, keys)
+        orphans -= owners.keys()
+        users = {user_id for user_id, _ in map(ids_of_unit, owners) if user_id}
+        if self._prefetch is not None and users:
+            await self._prefetch(users)
+        updates: list[tuple[str, Sequence[str] | None, Sequence[str]]] = []
+        flips: dict[str, datetime | None] = dict.fromkeys(orphans)
+        for owner, (history, keys) in owners.items():
+            user_id, anonymous_id = ids_of_unit(owner)
+            traits: Mapping[str, Any] | None = None
+            consent = True
+            if user_id:
+                profile = await self._profiles.get(user_id, wait=True)  # no budget here: judge with the traits
+                if profile is not None:
+                    traits, consent = profile.traits, profile.consent
+            viewer = make_viewer(at=now, user_id=user_id, anonymous_id=anonymous_id)
+            evaluation = Evaluation(snapshot, viewer, traits=traits, history=history, consent=consent)
+            wanted = snapshot.segment_order if keys is None else [k for k in snapshot.segment_order if k in keys]
+            updates.append((owner, None if keys is None else wanted, [k for k in wanted if evaluation.segment(k)]))
+            flips[owner] = evaluation.next_change()
+        if orphans:
+            await self._memberships.forget(orphans)
+        await self.schedule.set(flips)
+        swapped = await self._memberships.swap(updates)
+        rank = {key: i for i, key in enumerate(snapshot.segment_order)}
+        changes = [
+            Change(
+                unit,
+                *ids_of_unit(unit),
+                tuple(sorted(result.entered, key=lambda k: rank.get(k, len(rank)))),
+                tuple(sorted(result.left)),
+                now,
+            )
+            for (unit, _, _), result in zip(updates, swapped, strict=True)
+            if result.entered or result.left
+        ]
+        if changes:
+            await self._bus.publish_many(SEGMENTS_CHANNEL, [change.message() for change in changes])
+        return changes
 
     async def run_due(self) -> list[Change]:
         """Evaluate every viewer whose next flip is due now."""
         changes = []
-        keys = self._snapshots.current.timed_segments
+        keys = frozenset(self._snapshots.current.timed_segments)
         while units := await self.schedule.due(self._clock()):
-            for unit in units:
-                user_id, anonymous_id = await self._owner(*ids_of_unit(unit))
-                change = await self.evaluate(user_id, anonymous_id, keys)
-                if change is not None:
-                    changes.append(change)
+            changes += await self.evaluate_many([(*ids_of_unit(unit), keys) for unit in units])
         return changes
 
     async def run_flips(self, *, max_wait: float = 1.0) -> None:
@@ -372,6 +454,14 @@ class Evaluator:
 # Consuming the Redis stream
 
 
+# ARGV: the "seen" prefix, then event ids. Returns 1 for each id still marked seen, else 0.
+_MARKED = """
+local out = {}
+for i = 2, #ARGV do out[#out + 1] = redis.call('EXISTS', ARGV[1] .. ARGV[i]) end
+return out
+"""
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -396,6 +486,7 @@ class StreamWorker:
         self._client = client
         self.stream = prefix + "events"
         self._seen = prefix + "seen:"
+        self._marked = client.register_script(_MARKED)
         self._evaluator = evaluator
         self._sessions = sessions
         self._clock = clock
@@ -433,23 +524,25 @@ class StreamWorker:
         events = await self._not_deleted([Tracked.from_json(fields[b"e"]) for _, fields in entries])
         if events:
             # The database is the system of record: events and identities go there before the ack.
-            async with self._sessions() as session, session.begin():
-                await EventRepository(session, clock=self._clock).insert_many([e.document() for e in events])
-                identities = IdentityRepository(session, clock=self._clock)
-                for event in events:
-                    if event.user_id and event.anonymous_id:
-                        await identities.link(event.anonymous_id, event.user_id)
-            await self._evaluator.on_events(events)
+            # Storing and evaluating are independent (the evaluator reads the state in Redis): overlap.
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._store(events))
+                group.create_task(self._evaluator.on_events(events))
         await self._client.xack(self.stream, GROUP, *(entry_id for entry_id, _ in entries))
         return len(entries)
+
+    async def _store(self, events: Sequence[Tracked]) -> None:
+        async with self._sessions() as session, session.begin():
+            await EventRepository(session, clock=self._clock).insert_many([e.document() for e in events])
+            identities = IdentityRepository(session, clock=self._clock)
+            for event in events:
+                if event.user_id and event.anonymous_id:
+                    await identities.link(event.anonymous_id, event.user_id)
 
     async def _not_deleted(self, events: list[Tracked]) -> list[Tracked]:
         """Leave out the events whose viewer was deleted while they waited in the stream: deletion
         removes their "seen" marks (server/events.py), and storing them now would bring them back."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.exists(self._seen + event.id)
-            marks = await pipe.execute()
+        marks = await self._marked(args=[self._seen, *(event.id for event in events)])
         return [event for event, mark in zip(events, marks, strict=True) if mark]
 
     async def trim(self) -> int:

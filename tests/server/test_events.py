@@ -352,3 +352,26 @@ async def test_the_redis_state_is_trimmed_to_the_retention_period_as_it_goes(red
         assert 0 < ttl <= LIMITS.retention.total_seconds() * 1000
     finally:
         await client.aclose()
+
+
+@pytest.mark.redis
+async def test_joins_and_joined_histories_expire_with_the_retention_period(redis_url: str, redis_prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    retention_ms = LIMITS.retention.total_seconds() * 1000
+    try:
+        store = RedisEventStore(client, redis_prefix, retention=LIMITS.retention, clock=FakeClock())
+        await store.append([Tracked(id="e-1", type="view", at=T0, anonymous_id="a-1")])
+        await store.link("a-1", "u-1")  # identify: the device's history becomes the user's
+        await store.append([Tracked(id="e-2", type="view", at=T0, user_id="u-2", anonymous_id="a-2")])  # both ids
+
+        for key in ("alias:a-1", "ev:u:u-1", "evt:u:u-1", "alias:a-2", "ev:u:u-2", "evt:u:u-2"):
+            ttl = await client.pttl(redis_prefix + key)
+            assert 0 < ttl <= retention_ms, key
+
+        # a joined device still in use keeps its join alive
+        await client.pexpire(redis_prefix + "alias:a-1", 1000)
+        await store.append([Tracked(id="e-3", type="view", at=T0, anonymous_id="a-1")])
+        assert await client.pttl(redis_prefix + "alias:a-1") > 1000
+        assert await store.user_of("a-1") == "u-1"
+    finally:
+        await client.aclose()

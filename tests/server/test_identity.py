@@ -214,6 +214,21 @@ async def test_a_bundle_profile_without_consent_withholds_events_too(live: Live)
     assert len(await live.stored(user_id="u-2")) == 1
 
 
+async def test_events_sent_under_the_anonymous_id_of_a_user_without_consent_are_withheld(live: Live) -> None:
+    # Given a device joined to a user who withheld consent
+    await live.services.ingest.identify(user_id="u-1", anonymous_id="a-1", consent={"personalization": False})
+
+    # When the device keeps sending events under its anonymous id alone (as trackers do until reset)
+    result = await live.send(shoe_view(anon="a-1"), shoe_view(anon="a-2"))
+
+    # Then they are the user's events and are stored nowhere; an unjoined device's are stored
+    assert result == {"accepted": 2, "rejected": 0, "errors": []}
+    assert await live.stored(anonymous_id="a-1") == []
+    assert await live.stored(user_id="u-1") == []
+    assert await live.state(["product_viewed"], anonymous_id="a-1") == []
+    assert len(await live.stored(anonymous_id="a-2")) == 1
+
+
 async def test_withdrawing_consent_makes_a_member_anonymous_at_once(live: Live) -> None:
     await live.services.ingest.identify(user_id="u-1", traits={"tier": "gold"})
     await live.send(shoe_view("u-1"), shoe_view("u-1"), shoe_view("u-1"))
