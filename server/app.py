@@ -37,6 +37,7 @@ from server.settings import Clock, Settings, system_clock
 from server.snapshots import CONTENT_CHANNEL, SnapshotHolder
 from server.tracking import TrackingCORS, tracking_routes
 from server.worker import (
+    SEGMENTS_CHANNEL,
     Evaluator,
     LocalMemberships,
     LocalSchedule,
@@ -113,7 +114,8 @@ def build_services(settings: Settings, clock: Clock = system_clock) -> Services:
     schedule: RedisSchedule | LocalSchedule
     if client is not None:
         events = RedisEventStore(client, settings.redis_prefix, retention=settings.retention, clock=clock)
-        memberships = RedisMemberships(client, settings.redis_prefix)
+        assert isinstance(bus, RedisBus)
+        memberships = RedisMemberships(client, settings.redis_prefix, announce_to=bus.key(SEGMENTS_CHANNEL))
         schedule = RedisSchedule(client, settings.redis_prefix)
     else:
         events, memberships, schedule = (

@@ -73,8 +73,12 @@ class RedisBus(_FanOut):
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
 
+    def key(self, channel: str) -> str:
+        """The Redis channel a bus channel is published on (for scripts that publish themselves)."""
+        return self._prefix + channel
+
     async def publish(self, channel: str, message: Mapping[str, Any]) -> None:
-        await self._client.publish(self._prefix + channel, orjson.dumps(message))
+        await self._client.publish(self.key(channel), orjson.dumps(message))
 
     async def publish_many(self, channel: str, messages: Sequence[Mapping[str, Any]]) -> None:
         async with self._client.pipeline(transaction=False) as pipe:

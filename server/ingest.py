@@ -6,6 +6,7 @@ alias join identities and update profiles; deletion removes a viewer everywhere.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from server.store import EventRepository, IdentityRepository, ProfileRepository
 
 log = logging.getLogger(__name__)
 
+UNJOINED_REMEMBERED = 200_000
 Listener = Callable[[str | None, str | None], Awaitable[None]]
 
 
@@ -65,6 +67,9 @@ class Ingestor:
         self._consents = consents
         self._profiles_changed = profiles_changed
         self._prefetch = prefetch
+        # Anonymous ids the database had no join for: not asked again (a join made later is in the
+        # behavioural state, which is asked first). Bounded; forgetting one costs one query.
+        self._unjoined: OrderedDict[str, None] = OrderedDict()
         self.identity_listeners: list[Listener] = []  # the evaluator: a viewer's traits or identity changed
         self.forget_listeners: list[Listener] = []
 
@@ -87,7 +92,7 @@ class Ingestor:
         result.accepted = len(valid)
         # An event with only an anonymous id joined to a user is that user's (it is filed under them),
         # so their consent decides whether it is stored.
-        linked = await self._store.users_of({e.anonymous_id for e in valid if not e.user_id and e.anonymous_id})
+        linked = await self._joined({e.anonymous_id for e in valid if not e.user_id and e.anonymous_id})
         owners = [e.user_id or linked.get(e.anonymous_id or "") for e in valid]
         users = {user_id for user_id in owners if user_id}
         if users and self._prefetch is not None:
@@ -107,6 +112,25 @@ class Ingestor:
         result.duplicates = len(consenting) - len(stored)
         result.events = stored
         return result
+
+    async def _joined(self, anonymous_ids: set[str]) -> dict[str, str]:
+        """The users these anonymous ids are joined to: from the behavioural state, else from the
+        database (which keeps every join: the state's expire, and a process that keeps no state
+        knows none). A join found only in the database is restored to the state."""
+        linked = await self._store.users_of(anonymous_ids)
+        unknown = [i for i in anonymous_ids if i not in linked and i not in self._unjoined]
+        if not unknown:
+            return linked
+        async with self._sessions() as session:
+            found = await IdentityRepository(session).users_of(unknown)
+        for anonymous_id, user_id in found.items():
+            await self._store.link(anonymous_id, user_id)
+        for anonymous_id in unknown:
+            if anonymous_id not in found:
+                self._unjoined[anonymous_id] = None
+        while len(self._unjoined) > UNJOINED_REMEMBERED:
+            self._unjoined.popitem(last=False)
+        return {**linked, **found}
 
     async def identify(
         self,

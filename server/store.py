@@ -10,7 +10,7 @@ dataclasses. Exceptions::
 from __future__ import annotations
 
 import builtins
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, cast
@@ -576,6 +576,18 @@ class IdentityRepository(_Repository):
             sa.select(_identities.c.user_id).where(_identities.c.anonymous_id == anonymous_id)
         )
         return result.scalar_one_or_none()
+
+    async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
+        """The user each of ``anonymous_ids`` is joined to: the joined ones only."""
+        ids, found = builtins.list(anonymous_ids), {}
+        for start in range(0, len(ids), 500):
+            result = await self._session.execute(
+                sa.select(_identities.c.anonymous_id, _identities.c.user_id).where(
+                    _identities.c.anonymous_id.in_(ids[start : start + 500])
+                )
+            )
+            found.update({row.anonymous_id: row.user_id for row in result})
+        return found
 
     async def anonymous_ids_of(self, user_id: str) -> builtins.list[str]:
         result = await self._session.execute(

@@ -54,7 +54,11 @@ def _text(value: Any) -> str:
 
 
 class Memberships(Protocol):
-    async def swap(self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]]) -> list[Swapped]:
+    announces: bool  # swap publishes the changes itself, atomically with them (else the caller does)
+
+    async def swap(
+        self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]], *, at: datetime
+    ) -> list[Swapped]:
         """For each (unit, scope, members): make ``members`` the unit's membership within ``scope``
         (None: every segment, so that any other is left) and return what entered and what left,
         each unit atomically (two workers evaluating one viewer never announce one change twice)."""
@@ -84,10 +88,14 @@ class Swapped:
 
 
 class LocalMemberships:
+    announces = False
+
     def __init__(self) -> None:
         self._members: dict[str, set[str]] = {}
 
-    async def swap(self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]]) -> list[Swapped]:
+    async def swap(
+        self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]], *, at: datetime
+    ) -> list[Swapped]:
         out = []
         for unit, scope, members in updates:
             current = self._members.get(unit, set())
@@ -141,17 +149,25 @@ class LocalSchedule:
         return self._heap[0][0] if self._heap else None
 
 
-# ARGV: prefix, then per unit: the unit, the number of scope keys (-1: every segment), the scope keys,
-# the number of members, the members. Returns per unit {entered, left}.
+# ARGV: prefix, the bus channel to announce on ('' for none), the instant of the evaluation, then per
+# unit: the unit, the number of scope keys (-1: every segment), the scope keys, the number of members,
+# the members. Returns per unit {entered, left}; publishes each change (Change.message's JSON) in the
+# same atomic step, so that a change is never recorded without being announced, nor announced twice.
 _SWAP = """
-local p = ARGV[1]
+local p, channel, at = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
-local i = 2
+local i = 4
 local function chunked(command, key, list)
   for j = 1, #list, 500 do redis.call(command, key, unpack(list, j, math.min(j + 499, #list))) end
 end
+local function strings(list)
+  local encoded = {}
+  for j = 1, #list do encoded[j] = cjson.encode(list[j]) end
+  return '[' .. table.concat(encoded, ',') .. ']'
+end
 while i <= #ARGV do
-  local key = p .. 'mem:' .. ARGV[i]
+  local unit = ARGV[i]
+  local key = p .. 'mem:' .. unit
   local nscope = tonumber(ARGV[i + 1])
   i = i + 2
   local scope = {}
@@ -173,8 +189,17 @@ while i <= #ARGV do
     if not have[ARGV[j]] then entered[#entered + 1] = ARGV[j] end
   end
   i = i + nmembers
+  table.sort(left)
   if #entered > 0 then chunked('SADD', key, entered) end
   if #left > 0 then chunked('SREM', key, left) end
+  if channel ~= '' and (#entered > 0 or #left > 0) then
+    local id = cjson.encode(string.sub(unit, 3))
+    local user, anon = 'null', 'null'
+    if string.sub(unit, 1, 2) == 'u:' then user = id else anon = id end
+    redis.call('PUBLISH', channel, '{"unit":' .. cjson.encode(unit) .. ',"userId":' .. user
+      .. ',"anonymousId":' .. anon .. ',"entered":' .. strings(entered) .. ',"left":' .. strings(left)
+      .. ',"at":' .. cjson.encode(at) .. '}')
+  end
   out[#out + 1] = {entered, left}
 end
 return out
@@ -182,18 +207,25 @@ return out
 
 
 class RedisMemberships:
+    """Memberships in Redis sets. Given the bus channel key to announce on (``announce_to``), a swap
+    publishes its changes in the same script: nothing can fail between recording and announcing."""
+
     BATCH = 200  # units per script call
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, *, announce_to: str | None = None) -> None:
         self._client = client
         self._prefix = prefix + "mem:"
         self._swap = client.register_script(_SWAP)
         self._root = prefix
+        self._channel = announce_to or ""
+        self.announces = announce_to is not None
 
-    async def swap(self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]]) -> list[Swapped]:
+    async def swap(
+        self, updates: Sequence[tuple[str, Sequence[str] | None, Sequence[str]]], *, at: datetime
+    ) -> list[Swapped]:
         out: list[Swapped] = []
         for start in range(0, len(updates), self.BATCH):
-            args: list[Any] = [self._root]
+            args: list[Any] = [self._root, self._channel, at.isoformat()]
             for unit, scope, members in updates[start : start + self.BATCH]:
                 args += [unit, -1] if scope is None else [unit, len(scope), *scope]
                 args += [len(members), *members]
@@ -304,29 +336,30 @@ class Evaluator:
         # not only those of its type; later ones cannot. Forgetting a pair costs one full evaluation.
         self._joins: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    def _first_join(self, anonymous_id: str, user_id: str) -> bool:
+    def _known_join(self, anonymous_id: str, user_id: str) -> bool:
         pair = (anonymous_id, user_id)
         if pair in self._joins:
             self._joins.move_to_end(pair)
-            return False
-        self._joins[pair] = None
-        if len(self._joins) > self.JOINS_REMEMBERED:
-            self._joins.popitem(last=False)
-        return True
+            return True
+        return False
+
+    def _remember_joins(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for pair in pairs:
+            self._joins[pair] = None
+            if len(self._joins) > self.JOINS_REMEMBERED:
+                self._joins.popitem(last=False)
 
     async def on_events(self, events: Sequence[Tracked]) -> list[Change]:
         """Re-evaluate, for each viewer in ``events``, the segments their event types can change."""
         types_of: dict[tuple[str | None, str | None], set[str]] = {}
-        joined: set[str] = set()  # users whose every segment may have moved
-        dropped: set[str] = set()  # anonymous ids joined to a user: what they held is dropped
+        joins: dict[tuple[str, str], None] = {}  # first seen here: every segment of the user may have moved
         for event in events:
             types_of.setdefault((event.user_id, event.anonymous_id if not event.user_id else None), set()).add(
                 event.type
             )
-            if event.user_id and event.anonymous_id:
-                dropped.add(event.anonymous_id)
-                if self._first_join(event.anonymous_id, event.user_id):
-                    joined.add(event.user_id)
+            if event.user_id and event.anonymous_id and not self._known_join(event.anonymous_id, event.user_id):
+                joins[(event.anonymous_id, event.user_id)] = None
+        joined = {user_id for _, user_id in joins}
         snapshot = self._snapshots.current
         work: list[tuple[str | None, str | None, frozenset[str] | None]] = []
         for (user_id, anonymous_id), types in types_of.items():
@@ -336,22 +369,19 @@ class Evaluator:
             keys = frozenset(k for type_ in types for k in snapshot.segments_by_event_type.get(type_, ()))
             if keys:  # else no segment depends on these event types: nothing can have moved
                 work.append((user_id, anonymous_id, keys))
-        work.extend((None, anonymous_id, frozenset()) for anonymous_id in dropped)
-        return await self.evaluate_many(work)
+        # What the joined anonymous ids held is the user's now: drop it, or it would be announced again.
+        changes = await self.evaluate_many(work, drop={unit_of(None, anonymous_id) for anonymous_id, _ in joins})
+        self._remember_joins(joins)  # only once evaluated: a batch that failed is evaluated whole again
+        return changes
 
     async def on_identity(self, user_id: str | None, anonymous_id: str | None) -> None:
         """A viewer's traits or identity changed: every segment may have moved."""
-        work: list[tuple[str | None, str | None, frozenset[str] | None]] = [
-            (user_id, anonymous_id if not user_id else None, None)
-        ]
-        if anonymous_id and user_id:
-            work.append((None, anonymous_id, frozenset()))  # its history is the user's now
-        await self.evaluate_many(work)
+        drop = {unit_of(None, anonymous_id)} if anonymous_id and user_id else set()  # its history is the user's
+        await self.evaluate_many([(user_id, anonymous_id if not user_id else None, None)], drop=drop)
 
     async def on_forget(self, user_id: str | None, anonymous_id: str | None) -> None:
         units = [unit_of(user_id, None)] * bool(user_id) + [unit_of(None, anonymous_id)] * bool(anonymous_id)
-        await self._memberships.forget(units)
-        await self.schedule.set(dict.fromkeys(units))
+        await self._drop(set(units))
 
     async def evaluate(
         self, user_id: str | None, anonymous_id: str | None, keys: Iterable[str] | None
@@ -361,21 +391,24 @@ class Evaluator:
         changes = await self.evaluate_many([(user_id, anonymous_id, None if keys is None else frozenset(keys))])
         return changes[0] if changes else None
 
-    async def evaluate_many(self, work: Sequence[tuple[str | None, str | None, frozenset[str] | None]]) -> list[Change]:
+    async def evaluate_many(
+        self, work: Sequence[tuple[str | None, str | None, frozenset[str] | None]], *, drop: Iterable[str] = ()
+    ) -> list[Change]:
         """Evaluate, for each (userId, anonymousId, keys), ``keys`` (None: every segment) now;
         announce what changed and schedule each viewer's next flip. A batch costs a few round trips
         to the state, not a few per viewer: histories are read at once, memberships swapped at once.
 
         An anonymous id joined to a user is that user (its events are filed under the user): what
         is still kept under the anonymous id (memberships, a flip) is dropped, or it would be
-        announced again under it."""
+        announced again under it; so is what the units in ``drop`` hold."""
         if not work:
+            await self._drop(set(drop))
             return []
         snapshot = self._snapshots.current
         now = self._clock()
         loaded = await self._events.histories([(u, a) for u, a, _ in work], now=now)
         owners: dict[str, tuple[History, frozenset[str] | None]] = {}
-        orphans: set[str] = set()
+        orphans: set[str] = set(drop)
         for (user_id, anonymous_id, keys), (owner, history) in zip(work, loaded, strict=True):
             if owner != unit_of(user_id, anonymous_id):
                 orphans.add(unit_of(user_id, anonymous_id))
@@ -404,8 +437,8 @@ class Evaluator:
             flips[owner] = evaluation.next_change()
         if orphans:
             await self._memberships.forget(orphans)
-        await self.schedule.set(flips)
-        swapped = await self._memberships.swap(updates)
+        await self.schedule.set(flips)  # the orphans' flips are None
+        swapped = await self._memberships.swap(updates, at=now)
         rank = {key: i for i, key in enumerate(snapshot.segment_order)}
         changes = [
             Change(
@@ -418,9 +451,14 @@ class Evaluator:
             for (unit, _, _), result in zip(updates, swapped, strict=True)
             if result.entered or result.left
         ]
-        if changes:
+        if changes and not self._memberships.announces:
             await self._bus.publish_many(SEGMENTS_CHANNEL, [change.message() for change in changes])
         return changes
+
+    async def _drop(self, units: set[str]) -> None:
+        if units:
+            await self._memberships.forget(units)
+            await self.schedule.set(dict.fromkeys(units))
 
     async def run_due(self) -> list[Change]:
         """Evaluate every viewer whose next flip is due now."""

@@ -14,7 +14,16 @@ import redis.asyncio as aioredis
 
 from server.bus import InProcessBus, RedisBus
 from server.events import RedisEventStore, Tracked
-from server.worker import LocalMemberships, LocalSchedule, Memberships, RedisMemberships, RedisSchedule, Swapped
+from server.worker import (
+    SEGMENTS_CHANNEL,
+    Change,
+    LocalMemberships,
+    LocalSchedule,
+    Memberships,
+    RedisMemberships,
+    RedisSchedule,
+    Swapped,
+)
 
 T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 KINDS = ["local", pytest.param("redis", marks=pytest.mark.redis)]
@@ -64,25 +73,25 @@ def swapped(entered: set[str] | None = None, left: set[str] | None = None) -> Sw
 
 
 async def test_a_swap_reports_what_entered_and_what_left_within_its_scope(memberships: Memberships) -> None:
-    assert await memberships.swap([("u:1", ["a", "b", "c"], ["a", "b"])]) == [swapped({"a", "b"})]
+    assert await memberships.swap([("u:1", ["a", "b", "c"], ["a", "b"])], at=T0) == [swapped({"a", "b"})]
 
     # Only "b" and "c" were evaluated: "a" stays whatever it is.
-    assert await memberships.swap([("u:1", ["b", "c"], ["c"])]) == [swapped({"c"}, {"b"})]
+    assert await memberships.swap([("u:1", ["b", "c"], ["c"])], at=T0) == [swapped({"c"}, {"b"})]
     assert await memberships.get("u:1") == {"a", "c"}
 
 
 async def test_a_swap_of_every_segment_leaves_whatever_is_not_a_member(memberships: Memberships) -> None:
-    await memberships.swap([("u:1", ["a", "b", "gone"], ["a", "b", "gone"])])
+    await memberships.swap([("u:1", ["a", "b", "gone"], ["a", "b", "gone"])], at=T0)
 
     # None: every segment was evaluated; "gone" (deleted since, say) is left too.
-    assert await memberships.swap([("u:1", None, ["a", "z"])]) == [swapped({"z"}, {"b", "gone"})]
+    assert await memberships.swap([("u:1", None, ["a", "z"])], at=T0) == [swapped({"z"}, {"b", "gone"})]
     assert await memberships.get("u:1") == {"a", "z"}
 
 
 async def test_an_unchanged_membership_reports_nothing(memberships: Memberships) -> None:
-    await memberships.swap([("u:1", None, ["a"])])
+    await memberships.swap([("u:1", None, ["a"])], at=T0)
 
-    assert await memberships.swap([("u:1", None, ["a"]), ("a:x", ["a"], [])]) == [swapped(), swapped()]
+    assert await memberships.swap([("u:1", None, ["a"]), ("a:x", ["a"], [])], at=T0) == [swapped(), swapped()]
 
 
 async def test_a_batch_swaps_each_unit_and_answers_in_order(memberships: Memberships) -> None:
@@ -91,7 +100,7 @@ async def test_a_batch_swaps_each_unit_and_answers_in_order(memberships: Members
         for i in range(450)  # > one script call
     ]
 
-    results = await memberships.swap(updates)
+    results = await memberships.swap(updates, at=T0)
 
     assert results == [swapped({"even" if i % 2 == 0 else "odd"}) for i in range(450)]
     assert await memberships.get("u:449") == {"odd"}
@@ -100,21 +109,21 @@ async def test_a_batch_swaps_each_unit_and_answers_in_order(memberships: Members
 async def test_a_unit_in_many_segments_swaps_them_all(memberships: Memberships) -> None:
     keys = [f"s{i}" for i in range(1200)]  # past the chunks the Redis script writes in
 
-    assert await memberships.swap([("u:1", keys, keys)]) == [swapped(set(keys))]
-    assert await memberships.swap([("u:1", keys, keys[:100])]) == [swapped(left=set(keys[100:]))]
+    assert await memberships.swap([("u:1", keys, keys)], at=T0) == [swapped(set(keys))]
+    assert await memberships.swap([("u:1", keys, keys[:100])], at=T0) == [swapped(left=set(keys[100:]))]
     assert await memberships.get("u:1") == set(keys[:100])
 
 
 async def test_two_evaluators_swapping_the_same_change_announce_it_once(memberships: Memberships) -> None:
     # Two workers that evaluated one viewer at the same moment: only one of them reports the change.
-    results = await asyncio.gather(*(memberships.swap([("u:1", ["vip"], ["vip"])]) for _ in range(20)))
+    results = await asyncio.gather(*(memberships.swap([("u:1", ["vip"], ["vip"])], at=T0) for _ in range(20)))
 
     reported = [r[0] for r in results]
     assert (reported.count(swapped({"vip"})), reported.count(swapped())) == (1, 19)
 
 
 async def test_forgetting_units_drops_their_memberships(memberships: Memberships) -> None:
-    await memberships.swap([("u:1", None, ["a"]), ("a:x", None, ["b"]), ("u:2", None, ["c"])])
+    await memberships.swap([("u:1", None, ["a"]), ("a:x", None, ["b"]), ("u:2", None, ["c"])], at=T0)
 
     await memberships.forget(["u:1", "a:x"])
 
@@ -123,7 +132,33 @@ async def test_forgetting_units_drops_their_memberships(memberships: Memberships
         set(),
         {"c"},
     )
-    assert await memberships.swap([("u:1", None, ["a"])]) == [swapped({"a"})]  # announced again
+    assert await memberships.swap([("u:1", None, ["a"])], at=T0) == [swapped({"a"})]  # announced again
+
+
+@pytest.mark.redis
+async def test_a_redis_swap_announces_its_changes_itself_in_the_evaluators_words(
+    client: aioredis.Redis, redis_prefix: str
+) -> None:
+    bus = RedisBus(client, redis_prefix)
+    await bus.start()
+    memberships = RedisMemberships(client, redis_prefix, announce_to=bus.key(SEGMENTS_CHANNEL))
+    units = ['u:ü"ser/1', "a:42", "u:quiet"]
+    try:
+        async with bus.subscribe(SEGMENTS_CHANNEL) as messages:
+            await memberships.swap([("u:quiet", None, [])], at=T0)  # no change: no message
+            await memberships.swap([(units[0], None, ["b", "a"]), (units[1], None, ["x"])], at=T0)
+            await memberships.swap([(units[0], ["a", "b"], [])], at=T0 + timedelta(seconds=1))
+
+            heard = [await asyncio.wait_for(anext(messages), 5) for _ in range(3)]
+    finally:
+        await bus.close()
+
+    expected = [
+        Change(units[0], 'ü"ser/1', None, ("b", "a"), (), T0),  # entered in the order evaluated (priority)
+        Change(units[1], None, "42", ("x",), (), T0),
+        Change(units[0], 'ü"ser/1', None, (), ("a", "b"), T0 + timedelta(seconds=1)),
+    ]
+    assert heard == [change.message() for change in expected]
 
 
 # -- the flip schedule ------------------------------------------------------------------------------

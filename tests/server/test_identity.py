@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from fixtures_app import T0
 
+from server.events import LocalEventStore
+from server.ingest import Ingestor
 from server.store import IdentityRepository, ProfileRepository
 from tests.server.factories import (
     block,
@@ -170,6 +172,21 @@ async def test_the_anonymous_visitors_memberships_move_to_the_user(live: Live) -
     assert await live.announced() == [change("u:u-1", T0 + timedelta(minutes=10), left=["shoe-browser"])]
 
 
+async def test_an_event_carrying_both_ids_moves_the_memberships_and_flips_to_the_user(live: Live) -> None:
+    # Given an anonymous visitor in a segment, with a flip to come (the window passing)
+    await live.send(shoe_view(anon="a-1"), shoe_view(anon="a-1"), shoe_view(anon="a-1"))
+    assert await live.announced() == [change("a:a-1", T0, entered=["shoe-browser"])]
+
+    # When one batch holds the visitor's next event and one carrying both ids (the login)
+    live.clock.advance(minutes=1)
+    await live.send(shoe_view(anon="a-1"), event("page_view", "u-1", anon="a-1"))
+
+    # Then the user is announced in it, the visitor is not announced again, and the flip is the user's
+    assert await live.announced() == [change("u:u-1", T0 + timedelta(minutes=1), entered=["shoe-browser"])]
+    await live.at(T0 + timedelta(minutes=11))
+    assert await live.announced() == [change("u:u-1", T0 + timedelta(minutes=11), left=["shoe-browser"])]
+
+
 async def test_an_experiment_arm_sticky_to_the_anonymous_id_survives_the_login(live: Live) -> None:
     # (a-1 and u-1 fall in different arms: the test would prove nothing otherwise)
     assert expected_arm(EXPERIMENT, "a-1", WEIGHTS) == "control" != expected_arm(EXPERIMENT, "u-1", WEIGHTS)
@@ -227,6 +244,36 @@ async def test_events_sent_under_the_anonymous_id_of_a_user_without_consent_are_
     assert await live.stored(user_id="u-1") == []
     assert await live.state(["product_viewed"], anonymous_id="a-1") == []
     assert len(await live.stored(anonymous_id="a-2")) == 1
+
+
+async def test_a_join_the_behavioural_state_no_longer_holds_still_decides_consent(live: Live) -> None:
+    # Given a device joined to a user who withheld consent, a join only the database still knows:
+    # the Redis alias expired (a retention period of silence), or the process keeps no state (the CLI)
+    await live.services.ingest.identify(user_id="u-1", anonymous_id="a-1", consent={"personalization": False})
+    if live.services.redis is not None:
+        await live.services.redis.delete(live.backend.redis_prefix + "alias:a-1")
+        ingest = live.services.ingest
+    else:
+        store = LocalEventStore(
+            live.services.sessions, retention=timedelta(days=90), clock=live.clock, keep_state=False
+        )
+
+        async def consents(user_id: str) -> bool:
+            profile = await live.services.profiles.get(user_id, wait=True)
+            return profile is None or profile.consent
+
+        ingest = Ingestor(
+            store, live.services.sessions, limits=live.services.ingest.limits, clock=live.clock, consents=consents
+        )
+
+    # When the device sends events under its anonymous id alone
+    result = await ingest.track([("events[0]", shoe_view(anon="a-1")), ("events[1]", shoe_view(anon="a-2"))])
+    await live.process()
+
+    # Then the joined device's event is withheld, the other device's stored
+    assert (result.withheld, result.stored) == (1, 1)
+    assert await live.stored(anonymous_id="a-1") == []
+    assert await live.state(["product_viewed"], anonymous_id="a-1") == []
 
 
 async def test_withdrawing_consent_makes_a_member_anonymous_at_once(live: Live) -> None:

@@ -654,6 +654,56 @@ async def test_a_worker_cancelled_mid_batch_loses_nothing_and_stores_nothing_twi
     assert await pending(live.services.redis, live.worker.stream) == 0
 
 
+class _DatabaseDown:
+    """Sessions whose every use fails: at once, or only after ``until`` is set."""
+
+    def __init__(self, until: asyncio.Event | None = None) -> None:
+        self._until = until
+
+    def __call__(self) -> _DatabaseDown:
+        return self
+
+    async def __aenter__(self) -> None:
+        if self._until is not None:
+            await asyncio.wait_for(self._until.wait(), WAIT)
+        raise ConnectionRefusedError("the database is down")
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
+@pytest.mark.parametrize("failing", ["before-evaluating", "after-announcing"])
+async def test_a_batch_the_database_refused_is_announced_once_when_retried(live: Live, failing: str) -> None:
+    # Given a worker whose database write fails: before the evaluation got anywhere, or only once the
+    # evaluation had announced the change (the write and the evaluation run side by side)
+    await live.track(*three_shoe_views("u-1"))
+    announced = asyncio.Event()
+
+    async def hear_first(messages: AsyncIterator[Mapping[str, Any]]) -> None:
+        await anext(messages)
+        announced.set()
+
+    async with live.services.bus.subscribe(SEGMENTS_CHANNEL) as messages:
+        listener = asyncio.create_task(hear_first(messages))
+        broken = other_worker(live, "broken")
+        broken._sessions = cast(Any, _DatabaseDown(announced if failing == "after-announcing" else None))
+        with pytest.raises(ExceptionGroup):
+            await broken.step(block_ms=1)
+        listener.cancel()
+    assert live.services.redis is not None
+    assert live.worker is not None
+    assert await pending(live.services.redis, live.worker.stream) == 3
+
+    # When a worker with a working database retries the batch
+    assert await other_worker(live, "rescuer").claim() == 3
+
+    # Then the change was announced exactly once, and every event is stored
+    assert await live.announced() == [change("u:u-1", T0, entered=["shoe-browser"])]
+    assert sorted(await live.stored(user_id="u-1")) == ["u-1-view-0", "u-1-view-1", "u-1-view-2"]
+    assert await pending(live.services.redis, live.worker.stream) == 0
+
+
 @pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
 async def test_workers_share_the_stream_and_each_event_is_processed_once(live: Live) -> None:
     await live.track(*three_shoe_views("u-1"), *three_shoe_views("u-2"))
