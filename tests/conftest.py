@@ -48,6 +48,14 @@ def service_unavailable(service: str, url: str, error: BaseException) -> NoRetur
     pytest.fail(message, pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def _patient_profile_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applications in tests wait up to 10 s for a profile (the default budget is 50 ms), so that a
+    busy machine (CI) cannot turn a slow first read into a missing profile and a flaky test. Tests
+    of the budget set their own."""
+    monkeypatch.setenv("TESSERA_PROFILE_BUDGET_MS", "10000")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Mark tests by the services they use, so that `-m "not postgres"` selects the others.
     for item in items:

@@ -28,14 +28,6 @@ SEGMENTS = "query ($v: ViewerInput!) { viewer(viewer: $v) { segments { key } } }
 IMPORT = "mutation ($b: JSON!) { importBundle(bundle: $b) { ok errors { path message } } }"
 
 
-@pytest.fixture(autouse=True)
-def _patient_profile_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The apps of these tests wait up to 10 s for a profile (the default budget is 50 ms), so that a
-    busy machine cannot turn a slow first read into a missing profile. The test of the budget sets
-    its own."""
-    monkeypatch.setenv("TESSERA_PROFILE_BUDGET_MS", "10000")
-
-
 async def segments_of(app: RunningApp, user_id: str) -> list[str]:
     reply = await app.graphql(SEGMENTS, {"v": {"userId": user_id}})
     assert reply.status == 200, reply.body
