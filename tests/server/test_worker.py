@@ -21,9 +21,12 @@ from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
+import sqlalchemy as sa
 from fixtures_app import T0, FakeClock, RunningApp, running_app
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.app import Services
+from server.db import create_engine, session_factory
 from server.events import Tracked
 from server.store import EventRepository
 from server.worker import GROUP, SEGMENTS_CHANNEL, Change, Evaluator, StreamWorker
@@ -573,14 +576,20 @@ REDIS_ONLY = [pytest.param("redis", id="redis-postgres", marks=[pytest.mark.post
 
 
 def other_worker(
-    live: Live, consumer: str, *, evaluator: Evaluator | None = None, claim_idle_ms: int = 0, batch: int = 500
+    live: Live,
+    consumer: str,
+    *,
+    evaluator: Evaluator | None = None,
+    claim_idle_ms: int = 0,
+    batch: int = 500,
+    sessions: async_sessionmaker[AsyncSession] | None = None,
 ) -> StreamWorker:
     assert live.services.redis is not None
     return StreamWorker(
         live.services.redis,
         live.backend.redis_prefix,
         evaluator=evaluator or live.services.evaluator,
-        sessions=live.services.sessions,
+        sessions=sessions or live.services.sessions,
         clock=live.clock,
         consumer=consumer,
         claim_idle_ms=claim_idle_ms,
@@ -654,51 +663,62 @@ async def test_a_worker_cancelled_mid_batch_loses_nothing_and_stores_nothing_twi
     assert await pending(live.services.redis, live.worker.stream) == 0
 
 
-class _DatabaseDown:
-    """Sessions whose every use fails: at once, or only after ``until`` is set."""
+@pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
+async def test_a_batch_the_database_refused_outright_is_announced_once_when_retried(live: Live) -> None:
+    # Given a worker whose database does not answer (nothing listens where it points)
+    await live.track(*three_shoe_views("u-1"))
+    nowhere = create_engine("postgresql+asyncpg://postgres@127.0.0.1:9/nowhere")
+    try:
+        broken = other_worker(live, "broken", sessions=session_factory(nowhere))
+        with pytest.raises(ExceptionGroup):  # the write failed; the evaluation beside it was cancelled
+            await broken.step(block_ms=1)
+    finally:
+        await nowhere.dispose()
 
-    def __init__(self, until: asyncio.Event | None = None) -> None:
-        self._until = until
-
-    def __call__(self) -> _DatabaseDown:
-        return self
-
-    async def __aenter__(self) -> None:
-        if self._until is not None:
-            await asyncio.wait_for(self._until.wait(), WAIT)
-        raise ConnectionRefusedError("the database is down")
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
+    # When a worker with a working database retries the batch, then the change is announced once
+    await assert_retried_once(live)
 
 
 @pytest.mark.parametrize("backend", REDIS_ONLY, indirect=True)
-@pytest.mark.parametrize("failing", ["before-evaluating", "after-announcing"])
-async def test_a_batch_the_database_refused_is_announced_once_when_retried(live: Live, failing: str) -> None:
-    # Given a worker whose database write fails: before the evaluation got anywhere, or only once the
-    # evaluation had announced the change (the write and the evaluation run side by side)
+async def test_a_batch_whose_write_failed_after_its_announcement_is_not_announced_again(live: Live) -> None:
+    # Given a worker whose database write waits (the events table locked) while the evaluation beside
+    # it announces the change, and then fails (a constraint no row meets, added meanwhile)
     await live.track(*three_shoe_views("u-1"))
+    engine = live.services.engine
     announced = asyncio.Event()
 
     async def hear_first(messages: AsyncIterator[Mapping[str, Any]]) -> None:
         await anext(messages)
         announced.set()
 
-    async with live.services.bus.subscribe(SEGMENTS_CHANNEL) as messages:
-        listener = asyncio.create_task(hear_first(messages))
-        broken = other_worker(live, "broken")
-        broken._sessions = cast(Any, _DatabaseDown(announced if failing == "after-announcing" else None))
-        with pytest.raises(ExceptionGroup):
-            await broken.step(block_ms=1)
-        listener.cancel()
+    try:
+        async with live.services.bus.subscribe(SEGMENTS_CHANNEL) as messages:
+            listener = asyncio.create_task(hear_first(messages))
+            async with engine.begin() as blocker:
+                await blocker.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+                step = asyncio.create_task(other_worker(live, "broken").step(block_ms=1))
+                await asyncio.wait_for(announced.wait(), WAIT)
+                await blocker.execute(sa.text("ALTER TABLE events ADD CONSTRAINT refuse_all CHECK (false) NOT VALID"))
+            with pytest.raises(ExceptionGroup):
+                await asyncio.wait_for(step, WAIT)
+            listener.cancel()
+    finally:
+        async with engine.begin() as connection:
+            await connection.execute(sa.text("ALTER TABLE events DROP CONSTRAINT IF EXISTS refuse_all"))
+
+    # When a worker with a working database retries the batch, then the change was announced once
+    await assert_retried_once(live)
+
+
+async def assert_retried_once(live: Live) -> None:
+    """The batch is pending; a worker with a working database takes it over, and the change is
+    announced exactly once in all, and every event stored."""
     assert live.services.redis is not None
     assert live.worker is not None
     assert await pending(live.services.redis, live.worker.stream) == 3
 
-    # When a worker with a working database retries the batch
     assert await other_worker(live, "rescuer").claim() == 3
 
-    # Then the change was announced exactly once, and every event is stored
     assert await live.announced() == [change("u:u-1", T0, entered=["shoe-browser"])]
     assert sorted(await live.stored(user_id="u-1")) == ["u-1-view-0", "u-1-view-1", "u-1-view-2"]
     assert await pending(live.services.redis, live.worker.stream) == 0
