@@ -209,12 +209,8 @@ class EventStore(Protocol):
         """Join an anonymous history to a user's; False when it was joined already."""
         ...
 
-    async def user_of(self, anonymous_id: str) -> str | None:
-        """The user id an anonymous id was joined to, if any (its events are that user's)."""
-        ...
-
     async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
-        """:meth:`user_of` for many at once: the joined ones only."""
+        """The user id each anonymous id was joined to (its events are that user's): the joined ones."""
         ...
 
     async def forget(self, *, user_id: str | None, anonymous_id: str | None) -> int:
@@ -382,10 +378,6 @@ class RedisEventStore:
     async def link(self, anonymous_id: str, user_id: str) -> bool:
         return bool(await self._link(args=[self._prefix, anonymous_id, user_id, self._retention_ms]))
 
-    async def user_of(self, anonymous_id: str) -> str | None:
-        linked = await self._client.get(self._prefix + "alias:" + anonymous_id)
-        return None if linked is None else _text(linked)
-
     async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
         ids = list(anonymous_ids)
         if not ids:
@@ -532,9 +524,6 @@ class LocalEventStore:
         if anonymous_id not in self._aliases:
             self._merge(anonymous_id, user_id)
         return joined
-
-    async def user_of(self, anonymous_id: str) -> str | None:
-        return self._aliases.get(anonymous_id)
 
     async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
         return {i: self._aliases[i] for i in anonymous_ids if i in self._aliases}

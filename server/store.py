@@ -571,12 +571,6 @@ class IdentityRepository(_Repository):
         )
         return (await self._session.execute(statement)).first() is not None
 
-    async def user_of(self, anonymous_id: str) -> str | None:
-        result = await self._session.execute(
-            sa.select(_identities.c.user_id).where(_identities.c.anonymous_id == anonymous_id)
-        )
-        return result.scalar_one_or_none()
-
     async def users_of(self, anonymous_ids: Collection[str]) -> dict[str, str]:
         """The user each of ``anonymous_ids`` is joined to: the joined ones only."""
         ids, found = builtins.list(anonymous_ids), {}

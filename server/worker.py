@@ -383,14 +383,6 @@ class Evaluator:
         units = [unit_of(user_id, None)] * bool(user_id) + [unit_of(None, anonymous_id)] * bool(anonymous_id)
         await self._drop(set(units))
 
-    async def evaluate(
-        self, user_id: str | None, anonymous_id: str | None, keys: Iterable[str] | None
-    ) -> Change | None:
-        """Evaluate ``keys`` (None: every segment) for the viewer now, announce the difference from
-        what was last announced, and schedule the viewer's next time-driven flip."""
-        changes = await self.evaluate_many([(user_id, anonymous_id, None if keys is None else frozenset(keys))])
-        return changes[0] if changes else None
-
     async def evaluate_many(
         self, work: Sequence[tuple[str | None, str | None, frozenset[str] | None]], *, drop: Iterable[str] = ()
     ) -> list[Change]:

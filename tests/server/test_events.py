@@ -372,6 +372,6 @@ async def test_joins_and_joined_histories_expire_with_the_retention_period(redis
         await client.pexpire(redis_prefix + "alias:a-1", 1000)
         await store.append([Tracked(id="e-3", type="view", at=T0, anonymous_id="a-1")])
         assert await client.pttl(redis_prefix + "alias:a-1") > 1000
-        assert await store.user_of("a-1") == "u-1"
+        assert await store.users_of(["a-1", "a-9"]) == {"a-1": "u-1"}
     finally:
         await client.aclose()
